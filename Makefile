@@ -1,0 +1,59 @@
+# The front door. `make test` is what CI runs (README.md); `make demo` is the main job.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+KUBECONFIG_LOCAL := /var/lib/tpconf-cluster/admin.kubeconfig
+
+.PHONY: install lint test test-unit test-e2e schema bench bench-quick cluster cluster-down agent-image demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+lint: install
+	$(BIN)/ruff check tpconf tests bench
+	$(BIN)/ruff format --check tpconf tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+# Unit and integration tests need no cluster; e2e tests start the local one (or use $$KUBECONFIG).
+test: lint
+	$(BIN)/pytest
+
+test-unit: install
+	$(BIN)/pytest -m 'not e2e'
+
+test-e2e: install
+	$(BIN)/pytest -m e2e
+
+schema: install
+	$(BIN)/tpconf schema
+
+bench: install cluster
+	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} $(BIN)/python -m bench
+
+bench-quick: install cluster
+	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} $(BIN)/python -m bench --quick
+
+cluster:
+	tests/cluster/build.sh all
+	tests/cluster/images.sh
+	tests/cluster/up.sh
+
+cluster-down:
+	tests/cluster/down.sh
+
+agent-image:
+	tests/cluster/load-image.sh tpconf/agent tpconf/agent:0.1.0
+
+demo: install cluster agent-image
+	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} tests/cluster/demo-setup.sh
+	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} $(BIN)/tpconf up
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,10 @@
+"""Shared fixtures: the anyio backend (asyncio only: asyncssh runs on asyncio)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
