@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 KUBECONFIG_LOCAL := /var/lib/tpconf-cluster/admin.kubeconfig
 
-.PHONY: install lint test test-unit test-e2e schema bench bench-quick cluster cluster-down agent-image demo clean
+.PHONY: deps install lint test test-unit test-e2e schema bench bench-quick cluster cluster-down agent-image demo clean
 
 install: $(VENV)/.installed
 
@@ -40,9 +40,12 @@ bench: install cluster
 bench-quick: install cluster
 	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} $(BIN)/python -m bench --quick
 
+deps:
+	scripts/install-deps.sh
+
+# Builds (once; Go caches are reused), then starts the cluster; up.sh loads the test images.
 cluster:
 	tests/cluster/build.sh all
-	tests/cluster/images.sh
 	tests/cluster/up.sh
 
 cluster-down:

@@ -1,0 +1,99 @@
+"""The local cluster really works: the Telepresence docs' helloworld scenario, inside the cluster.
+
+Scope: what the rest of the e2e suite relies on (pod networking, Service VIPs, cluster DNS with
+the search list, Service env vars, service-account volumes, port-forward, exec, logs, the Python
+client). Nothing of tpconf is used here.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import Cluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+NGINX = "tpconf.local/nginx:1"
+TOOLS = "tpconf.local/debian:12"
+
+
+def _tools_pod(cluster: Cluster, namespace: str, name: str) -> None:
+    cluster.kubectl(
+        "-n", namespace, "run", name, f"--image={TOOLS}", "--image-pull-policy=Never",
+        "--restart=Never", "--command", "--", "sleep", "3600",
+    )  # fmt: skip
+    cluster.kubectl("-n", namespace, "wait", "--for=condition=Ready", f"pod/{name}", "--timeout=120s")
+
+
+@pytest.fixture
+def helloworld(cluster: Cluster, namespace: str) -> str:
+    cluster.kubectl("-n", namespace, "create", "deployment", "helloworld", f"--image={NGINX}")
+    cluster.kubectl("-n", namespace, "expose", "deployment", "helloworld", "--port=80")
+    cluster.kubectl(
+        "-n", namespace, "rollout", "status", "deployment/helloworld", "--timeout=120s"
+    )  # fmt: skip
+    return namespace
+
+
+def test_helloworld_reachable_by_every_service_name_form(cluster: Cluster, helloworld: str) -> None:
+    ns = helloworld
+    _tools_pod(cluster, ns, "client")
+    for host in ("helloworld", f"helloworld.{ns}", f"helloworld.{ns}.svc.cluster.local"):
+        out = cluster.kubectl(
+            "-n", ns, "exec", "client", "--", "curl", "-sS", "--max-time", "10", f"http://{host}/"
+        ).stdout  # fmt: skip
+        assert "Welcome to nginx!" in out, host
+
+
+def test_pod_started_after_service_gets_service_env_and_serviceaccount_files(
+    cluster: Cluster, helloworld: str
+) -> None:
+    ns = helloworld
+    _tools_pod(cluster, ns, "late")
+    env = cluster.kubectl("-n", ns, "exec", "late", "--", "env").stdout
+    assert re.search(r"^HELLOWORLD_SERVICE_HOST=10\.", env, re.M), env
+    assert re.search(r"^KUBERNETES_SERVICE_HOST=", env, re.M), env
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+    listing = cluster.kubectl("-n", ns, "exec", "late", "--", "ls", sa).stdout.split()
+    assert {"ca.crt", "namespace", "token"} <= set(listing)
+    assert cluster.kubectl("-n", ns, "exec", "late", "--", "cat", f"{sa}/namespace").stdout == ns
+
+
+def test_port_forward_and_logs(cluster: Cluster, helloworld: str) -> None:
+    ns = helloworld
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pf = subprocess.Popen(
+        [cluster.kubectl_path, "--kubeconfig", str(cluster.kubeconfig), "-n", ns,
+         "port-forward", "deployment/helloworld", f"{port}:80"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert pf.stdout is not None
+        assert "Forwarding from" in pf.stdout.readline()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
+        assert "Welcome to nginx!" in body
+    finally:
+        pf.terminate()
+        pf.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    logs = ""
+    while time.monotonic() < deadline and "GET / " not in logs:
+        logs = cluster.kubectl("-n", ns, "logs", "deployment/helloworld").stdout
+        time.sleep(0.5)
+    assert "GET / " in logs
+
+
+def test_python_client_lists_pods(cluster: Cluster, helloworld: str) -> None:
+    from kubernetes import client, config  # only tpconf.cluster imports kubernetes in the package
+
+    api = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
+    pods = api.list_namespaced_pod(helloworld, label_selector="app=helloworld")
+    assert [p.metadata.name.startswith("helloworld-") for p in pods.items] == [True]

@@ -1,0 +1,161 @@
+"""The planner: a pure function from (running desired state, new desired state) to unit actions.
+
+A deployment in the file becomes a chain of *units* that ``loop.py`` runs::
+
+    proxy ─► tunnel ─┬─► outbound (SOCKS for inject-tcp, VPN routes for vpn-tcp)
+                     ├─► volumes
+                     ├─► expose (one remote forward per port mapping)
+                     ├─► export (the env file)
+                     └─► process
+
+Each unit depends only on some *facets* of the deployment's spec. ``facets_of`` is the only place
+that knows the config's field names; ``plan`` compares facets, so a change of ``run`` touches the
+process alone and a change of ``expose`` touches the forwards alone, and the other deployments
+are not touched at all. Stops come before starts (so ports are free to rebind) and run in reverse
+dependency order; starts run in dependency order.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from tpconf.config import DeploymentSpec
+
+
+class Unit(enum.IntEnum):
+    """The units of one deployment, in start order."""
+
+    PROXY = 0
+    TUNNEL = 1
+    OUTBOUND = 2
+    VOLUMES = 3
+    EXPOSE = 4
+    EXPORT = 5
+    PROCESS = 6
+
+
+ALL_UNITS: tuple[Unit, ...] = tuple(Unit)
+
+
+@dataclass(frozen=True)
+class Facets:
+    """The parts of a deployment's spec that each unit depends on."""
+
+    cluster: Hashable
+    """What the proxy pod is: context, namespace, operation, agent image, privilege."""
+    method: str
+    routes: Hashable
+    exposes: frozenset[tuple[int, int]]
+    volumes: Hashable
+    process: Hashable
+    export: Hashable
+
+
+def facets_of(spec: DeploymentSpec) -> Facets:
+    """Split a resolved deployment spec into what each unit depends on."""
+    exposes = frozenset((m.local, m.remote) for m in spec.expose)
+    low_ports = any(remote < 1024 for _, remote in exposes)
+    return Facets(
+        cluster=(spec.context, spec.namespace, spec.operation, spec.agent_image, low_ports),
+        method=spec.method,
+        routes=spec.also_proxy,
+        exposes=exposes,
+        volumes=spec.volumes,
+        # The process sees the pod env through these too, so a new pod restarts it (see plan).
+        process=(spec.run, spec.shell, spec.env.set, spec.method),
+        export=spec.env.export,
+    )
+
+
+Verb = Literal["start", "stop", "update"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of a reconcile pass."""
+
+    verb: Verb
+    deployment: str
+    unit: Unit
+    detail: str = ""
+
+    def __str__(self) -> str:
+        sign = {"start": "+", "stop": "-", "update": "~"}[self.verb]
+        text = f"{sign} {self.deployment}: {self.unit.name.lower()}"
+        return f"{text} ({self.detail})" if self.detail else text
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The actions of one pass: ``stops`` first (reverse order), then ``updates``, then ``starts``."""
+
+    stops: tuple[Action, ...] = ()
+    updates: tuple[Action, ...] = ()
+    starts: tuple[Action, ...] = ()
+
+    @property
+    def actions(self) -> tuple[Action, ...]:
+        return self.stops + self.updates + self.starts
+
+    def __bool__(self) -> bool:
+        return bool(self.actions)
+
+    def deployments(self, verb: Verb) -> tuple[str, ...]:
+        """Names of the deployments that have at least one action of ``verb``, in order."""
+        seen: dict[str, None] = {}
+        for action in self.actions:
+            if action.verb == verb:
+                seen.setdefault(action.deployment, None)
+        return tuple(seen)
+
+
+def _changed_units(old: Facets, new: Facets) -> tuple[set[Unit], dict[Unit, str]]:
+    """Units to restart, and units to update in place (with a description), for one deployment."""
+    if old.cluster != new.cluster:
+        return set(ALL_UNITS), {}
+    restart: set[Unit] = set()
+    update: dict[Unit, str] = {}
+    if old.method != new.method:
+        restart |= {Unit.OUTBOUND, Unit.PROCESS}
+    elif old.routes != new.routes:
+        update[Unit.OUTBOUND] = "also-proxy changed"
+    if old.volumes != new.volumes:
+        restart |= {Unit.VOLUMES, Unit.PROCESS}
+    if old.process != new.process:
+        restart.add(Unit.PROCESS)
+    if old.exposes != new.exposes:
+        added = sorted(new.exposes - old.exposes)
+        removed = sorted(old.exposes - new.exposes)
+        parts = [f"+{lo}:{re}" for lo, re in added] + [f"-{lo}:{re}" for lo, re in removed]
+        update[Unit.EXPOSE] = " ".join(parts)
+    if old.export != new.export:
+        restart.add(Unit.EXPORT)
+    return restart, update
+
+
+def plan(running: Mapping[str, Facets], desired: Mapping[str, Facets]) -> Plan:
+    """What to stop, update and start to go from ``running`` to ``desired``.
+
+    Both mappings keep the file's deployment order; starts follow the new file's order.
+    """
+    stops: list[Action] = []
+    updates: list[Action] = []
+    starts: list[Action] = []
+    for name, old in running.items():
+        if name not in desired:
+            stops.extend(Action("stop", name, u, "removed") for u in reversed(ALL_UNITS))
+    for name, new in desired.items():
+        old_facets = running.get(name)
+        if old_facets is None:
+            starts.extend(Action("start", name, u) for u in ALL_UNITS)
+            continue
+        restart, update = _changed_units(old_facets, new)
+        why = "proxy changed" if len(restart) == len(ALL_UNITS) else "changed"
+        stops.extend(Action("stop", name, u, why) for u in sorted(restart, reverse=True))
+        updates.extend(Action("update", name, u, d) for u, d in sorted(update.items()))
+        starts.extend(Action("start", name, u) for u in sorted(restart))
+    return Plan(tuple(stops), tuple(updates), tuple(starts))
