@@ -20,6 +20,7 @@ lint: install
 	$(BIN)/ruff format --check tpconf tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/tpconf schema --check
 
 # Unit and integration tests need no cluster; e2e tests start the local one (or use $$KUBECONFIG).
 test: lint

@@ -44,6 +44,7 @@ class Cluster:
             capture_output=True,
             text=True,
             timeout=timeout,
+            check=False,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")

@@ -28,7 +28,9 @@ def _tools_pod(cluster: Cluster, namespace: str, name: str) -> None:
         "-n", namespace, "run", name, f"--image={TOOLS}", "--image-pull-policy=Never",
         "--restart=Never", "--command", "--", "sleep", "3600",
     )  # fmt: skip
-    cluster.kubectl("-n", namespace, "wait", "--for=condition=Ready", f"pod/{name}", "--timeout=120s")
+    cluster.kubectl(
+        "-n", namespace, "wait", "--for=condition=Ready", f"pod/{name}", "--timeout=120s"
+    )
 
 
 @pytest.fixture
@@ -57,8 +59,8 @@ def test_pod_started_after_service_gets_service_env_and_serviceaccount_files(
     ns = helloworld
     _tools_pod(cluster, ns, "late")
     env = cluster.kubectl("-n", ns, "exec", "late", "--", "env").stdout
-    assert re.search(r"^HELLOWORLD_SERVICE_HOST=10\.", env, re.M), env
-    assert re.search(r"^KUBERNETES_SERVICE_HOST=", env, re.M), env
+    assert re.search(r"^HELLOWORLD_SERVICE_HOST=10\.", env, re.MULTILINE), env
+    assert re.search(r"^KUBERNETES_SERVICE_HOST=", env, re.MULTILINE), env
     sa = "/var/run/secrets/kubernetes.io/serviceaccount"
     listing = cluster.kubectl("-n", ns, "exec", "late", "--", "ls", sa).stdout.split()
     assert {"ca.crt", "namespace", "token"} <= set(listing)
@@ -70,19 +72,19 @@ def test_port_forward_and_logs(cluster: Cluster, helloworld: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    pf = subprocess.Popen(
+    with subprocess.Popen(
         [cluster.kubectl_path, "--kubeconfig", str(cluster.kubeconfig), "-n", ns,
          "port-forward", "deployment/helloworld", f"{port}:80"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert pf.stdout is not None
-        assert "Forwarding from" in pf.stdout.readline()
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
-        assert "Welcome to nginx!" in body
-    finally:
-        pf.terminate()
-        pf.wait(timeout=10)
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    ) as pf:  # fmt: skip
+        try:
+            assert pf.stdout is not None
+            assert "Forwarding from" in pf.stdout.readline()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+                assert "Welcome to nginx!" in response.read().decode()
+        finally:
+            pf.terminate()
+            pf.wait(timeout=10)
     deadline = time.monotonic() + 30
     logs = ""
     while time.monotonic() < deadline and "GET / " not in logs:

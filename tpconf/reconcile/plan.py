@@ -145,7 +145,7 @@ def plan(running: Mapping[str, Facets], desired: Mapping[str, Facets]) -> Plan:
     stops: list[Action] = []
     updates: list[Action] = []
     starts: list[Action] = []
-    for name, old in running.items():
+    for name in running:
         if name not in desired:
             stops.extend(Action("stop", name, u, "removed") for u in reversed(ALL_UNITS))
     for name, new in desired.items():
