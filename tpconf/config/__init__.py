@@ -1,1 +1,49 @@
-"""tpconf.config."""
+"""telepresence.yaml: the file format (models), loading with precise errors, the resolved view.
+
+Owns everything about the file and nothing about the cluster: no network, no processes. The rest
+of tpconf calls :func:`load_project` and works with :class:`Project` and :class:`DeploymentSpec`.
+"""
+
+from __future__ import annotations
+
+from tpconf.config.loading import DEFAULT_FILENAME, find_config_file, load_project, parse_project
+from tpconf.config.models import DEFAULT_AGENT_IMAGE, TelepresenceFile
+from tpconf.config.project import (
+    ConfigWarning,
+    DeploymentSpec,
+    EnvExport,
+    EnvSpec,
+    ExistingOp,
+    Method,
+    Mount,
+    NewOp,
+    Operation,
+    PortMapping,
+    Project,
+    SwapOp,
+    VolumesSpec,
+    VpnSpec,
+)
+
+__all__ = [
+    "DEFAULT_AGENT_IMAGE",
+    "DEFAULT_FILENAME",
+    "ConfigWarning",
+    "DeploymentSpec",
+    "EnvExport",
+    "EnvSpec",
+    "ExistingOp",
+    "Method",
+    "Mount",
+    "NewOp",
+    "Operation",
+    "PortMapping",
+    "Project",
+    "SwapOp",
+    "TelepresenceFile",
+    "VolumesSpec",
+    "VpnSpec",
+    "find_config_file",
+    "load_project",
+    "parse_project",
+]

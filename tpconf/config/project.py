@@ -1,0 +1,170 @@
+"""The resolved configuration: what the rest of tpconf uses.
+
+A :class:`Project` is built from a valid telepresence.yaml with every default applied, every
+shorthand expanded and every local path made absolute. All classes are frozen dataclasses, so two
+:class:`DeploymentSpec` compare equal exactly when nothing that matters changed: the reconcile
+planner restarts a deployment when its spec differs from the running one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tpconf.config.values import AlsoProxyTarget
+from tpconf.errors import Position
+
+Method = Literal["inject-tcp", "vpn-tcp"]
+ExportFormat = Literal["dotenv", "json"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewOp:
+    """Create a Deployment and a Service named after the deployment, running ``image``."""
+
+    image: str
+
+
+@dataclass(frozen=True, slots=True)
+class SwapOp:
+    """Swap the Deployment ``deployment`` (its container ``container``, or the only one)."""
+
+    deployment: str
+    container: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingOp:
+    """Use the Deployment ``deployment``, which already runs the proxy."""
+
+    deployment: str
+
+
+Operation = NewOp | SwapOp | ExistingOp
+
+
+@dataclass(frozen=True, slots=True)
+class PortMapping:
+    """An exposed port: connections to ``remote`` in the pod reach ``local`` on this machine."""
+
+    local: int
+    remote: int
+
+    def __str__(self) -> str:
+        return str(self.local) if self.local == self.remote else f"{self.local}:{self.remote}"
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """The pod path ``pod`` available at the absolute local path ``local``."""
+
+    pod: str
+    local: Path
+    read_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VolumesSpec:
+    """Where the pod's filesystem appears: ``root`` (absolute) plus extra ``mounts``."""
+
+    root: Path
+    mounts: tuple[Mount, ...] = ()
+    real_paths: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EnvExport:
+    """The environment is written to ``file`` (absolute) in ``format``."""
+
+    file: Path
+    format: ExportFormat
+
+
+@dataclass(frozen=True, slots=True)
+class EnvSpec:
+    """Changes to the process's environment: ``set`` (sorted ``(name, value)`` pairs) on top of
+    the pod's environment, and the optional ``export`` file."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    export: EnvExport | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        """``set`` as a new dict."""
+        return dict(self.set)
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    """One deployment, fully resolved.
+
+    ``run`` is an argv tuple, a shell command string (run with ``sh -c``), or ``None`` for no
+    process (``shell`` may then be true: an interactive shell). ``context`` ``None`` means the
+    kubeconfig's current context, ``namespace`` ``None`` the context's namespace.
+    ``agent_image`` is the proxy image (for a ``new`` deployment, ``NewOp.image``).
+    """
+
+    name: str
+    operation: Operation
+    method: Method
+    expose: tuple[PortMapping, ...]
+    also_proxy: tuple[AlsoProxyTarget, ...]
+    volumes: VolumesSpec | None
+    env: EnvSpec
+    run: tuple[str, ...] | str | None
+    shell: bool
+    namespace: str | None
+    context: str | None
+    agent_image: str
+
+
+@dataclass(frozen=True, slots=True)
+class VpnSpec:
+    """Networks the VPN routes; empty means "discover them in the cluster"."""
+
+    pod_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    service_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigWarning:
+    """A setting that is valid but probably not what the user wants, with its position."""
+
+    message: str
+    position: Position
+    loc: str = ""
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.position}: warning: "
+        return where + (f"{self.loc}: {self.message}" if self.loc else self.message)
+
+    def render(self) -> str:
+        """The warning and its hint, as the CLI prints them."""
+        return str(self) if not self.hint else f"{self}\n  hint: {self.hint}"
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    """A loaded telepresence.yaml: its deployments in file order, and its warnings."""
+
+    source_path: Path
+    base_dir: Path
+    context: str | None
+    namespace: str | None
+    vpn: VpnSpec
+    deployments: tuple[DeploymentSpec, ...]
+    warnings: tuple[ConfigWarning, ...] = ()
+
+    def deployment(self, name: str) -> DeploymentSpec:
+        """The deployment called ``name``; raises :class:`KeyError`."""
+        for spec in self.deployments:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The deployments' names, in file order."""
+        return tuple(spec.name for spec in self.deployments)

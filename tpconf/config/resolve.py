@@ -1,0 +1,345 @@
+"""From the validated file to the resolved :class:`~tpconf.config.project.Project`.
+
+This is where the rules that span several keys live: exactly one operation per deployment, a
+remote port exposed once, one interactive shell, one context for all `vpn-tcp` deployments, no two
+deployments on the same Kubernetes Deployment, volume roots and export files not shared. It also
+applies `defaults`, makes local paths absolute and collects the warnings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tpconf.config import models, values
+from tpconf.config.project import (
+    ConfigWarning,
+    DeploymentSpec,
+    EnvExport,
+    EnvSpec,
+    ExistingOp,
+    ExportFormat,
+    Mount,
+    NewOp,
+    Operation,
+    PortMapping,
+    Project,
+    SwapOp,
+    VolumesSpec,
+    VpnSpec,
+)
+from tpconf.config.yamlsource import DocPath, Locator, format_loc
+from tpconf.errors import ConfigError, ConfigErrors
+
+_OPERATIONS = ("new", "swap", "existing")
+_INHERITED = tuple(models.Defaults.model_fields)
+_PRIVILEGED_PORT_HINT = (
+    "expose a port of 1024 or more in the pod (for example `8080:8080`); "
+    "with `swap`, the Deployment's container port decides"
+)
+
+
+def _alias(name: str) -> str:
+    return name.rstrip("_").replace("_", "-")
+
+
+def _context_text(context: str | None) -> str:
+    return f"context `{context}`" if context else "the current context"
+
+
+@dataclass
+class _Resolver:
+    file: models.TelepresenceFile
+    locator: Locator
+    base_dir: Path
+    errors: dict[tuple[str, str, str], ConfigError] = field(default_factory=dict)
+    warnings: dict[tuple[str, str, str], ConfigWarning] = field(default_factory=dict)
+
+    # -- reporting ---------------------------------------------------------------------------------
+
+    def error(
+        self, message: str, path: DocPath, *, at_key: bool = True, hint: str | None = None
+    ) -> None:
+        position = self.locator.key(path) if at_key else self.locator.value(path)
+        loc = format_loc(path)
+        self.errors.setdefault(
+            (str(position), loc, message),
+            ConfigError(message, position=position, loc=loc, hint=hint),
+        )
+
+    def warn(
+        self, message: str, path: DocPath, *, at_key: bool = True, hint: str | None = None
+    ) -> None:
+        position = self.locator.key(path) if at_key else self.locator.value(path)
+        loc = format_loc(path)
+        self.warnings.setdefault(
+            (str(position), loc, message),
+            ConfigWarning(message, position=position, loc=loc, hint=hint),
+        )
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def setting(self, name: str, deployment: models.Deployment, attr: str) -> tuple[Any, DocPath]:
+        """A deployment's own value, else the default; and the path of the key that set it."""
+        key = _alias(attr)
+        if attr in deployment.model_fields_set:
+            return getattr(deployment, attr), ("deployments", name, key)
+        if attr in self.file.defaults.model_fields_set:
+            return getattr(self.file.defaults, attr), ("defaults", key)
+        return getattr(self.file.defaults, attr), ("deployments", name)
+
+    def shown(self, path: Path) -> str:
+        """A resolved local path as the user would write it: relative to the file if below it."""
+        return (
+            path.relative_to(self.base_dir).as_posix()
+            if path.is_relative_to(self.base_dir)
+            else str(path)
+        )
+
+    def local_path(self, text: str) -> Path:
+        return Path(os.path.normpath(self.base_dir / Path(text).expanduser()))
+
+    # -- per deployment ----------------------------------------------------------------------------
+
+    def operation(self, name: str, deployment: models.Deployment, image: str) -> Operation | None:
+        here: DocPath = ("deployments", name)
+        present = [op for op in _OPERATIONS if getattr(deployment, op) is not None]
+        if not present:
+            self.error(
+                "no operation: set one of `new`, `swap` or `existing`",
+                here,
+                hint="`new: true` creates a proxy Deployment, `swap: NAME` replaces a Deployment's "
+                "pods, `existing: NAME` uses a Deployment that already runs the proxy",
+            )
+            return None
+        if len(present) > 1:
+            for extra in present[1:]:
+                self.error(
+                    f"`{present[0]}` and `{extra}` cannot be combined: a deployment has exactly "
+                    "one of `new`, `swap` and `existing`",
+                    (*here, extra),
+                    hint=f"remove `{extra}` or `{present[0]}`",
+                )
+            return None
+        if deployment.new is not None:
+            if not name[0].isalpha():
+                self.error(
+                    f"`{name}` cannot be the name of a new deployment: the Service created with "
+                    "it must start with a letter",
+                    here,
+                    hint="rename the deployment",
+                )
+            return NewOp(image=deployment.new.image or image)
+        if deployment.swap is not None:
+            return SwapOp(deployment.swap.deployment or name, deployment.swap.container)
+        assert deployment.existing is not None
+        return ExistingOp(deployment.existing.deployment or name)
+
+    def expose(self, name: str, deployment: models.Deployment) -> tuple[PortMapping, ...]:
+        items, path = self.setting(name, deployment, "expose")
+        mappings: list[PortMapping] = []
+        first: dict[int, int] = {}
+        for index, (local, remote) in enumerate(items):
+            item = (*path, index)
+            if remote in first:
+                self.error(
+                    f"remote port {remote} is exposed twice (first as `{format_loc((*path, first[remote]))}`)",
+                    item,
+                    at_key=False,
+                    hint="a pod port can reach only one local port; remove one of them",
+                )
+                continue
+            first[remote] = index
+            if remote < 1024:
+                self.warn(
+                    f"remote port {remote} is below 1024: the proxy in the pod must run as root "
+                    "to listen on it, which OpenShift-style clusters do not allow",
+                    item,
+                    at_key=False,
+                    hint=_PRIVILEGED_PORT_HINT,
+                )
+            mappings.append(PortMapping(local=local, remote=remote))
+        return tuple(mappings)
+
+    def volumes(self, name: str, deployment: models.Deployment) -> VolumesSpec | None:
+        volumes, path = self.setting(name, deployment, "volumes")
+        if volumes is None:
+            return None
+        root = self.local_path(volumes.root or models.DEFAULT_VOLUMES_ROOT.format(name=name))
+        mounts: list[Mount] = []
+        seen: dict[str, int] = {}
+        for index, mount in enumerate(volumes.mounts):
+            if mount.pod in seen:
+                self.error(
+                    f"pod path `{mount.pod}` is mounted twice (first in `mounts[{seen[mount.pod]}]`)",
+                    (*path, "mounts", index, "pod"),
+                    at_key=False,
+                )
+                continue
+            seen[mount.pod] = index
+            mounts.append(Mount(mount.pod, self.local_path(mount.local), mount.read_only))
+        return VolumesSpec(root=root, mounts=tuple(mounts), real_paths=volumes.real_paths)
+
+    def env(self, name: str, deployment: models.Deployment) -> EnvSpec:
+        env, _ = self.setting(name, deployment, "env")
+        export = None
+        if env.export is not None:
+            fmt: ExportFormat = env.export.format or (
+                "json" if env.export.file.endswith(".json") else "dotenv"
+            )
+            export = EnvExport(self.local_path(env.export.file), fmt)
+        return EnvSpec(set=tuple(sorted(env.set.items())), export=export)
+
+    def deployment(self, name: str, deployment: models.Deployment) -> DeploymentSpec | None:
+        image, _ = self.setting(name, deployment, "agent_image")
+        operation = self.operation(name, deployment, image)
+        method, _ = self.setting(name, deployment, "method")
+        also_proxy, also_path = self.setting(name, deployment, "also_proxy")
+        if also_proxy and method == "inject-tcp":
+            self.warn(
+                "`also-proxy` has no effect with method `inject-tcp`: all of the process's "
+                "connections already go through the cluster",
+                also_path,
+                hint="remove `also-proxy`, or use `method: vpn-tcp`",
+            )
+        run, run_path = self.setting(name, deployment, "run")
+        shell, shell_path = self.setting(name, deployment, "shell")
+        if shell and run is not None:
+            self.error(
+                "`shell: true` and `run` cannot be combined",
+                shell_path,
+                hint=f"remove `run` (`{format_loc(run_path)}`), or set `shell: false`",
+            )
+        expose = self.expose(name, deployment)
+        volumes = self.volumes(name, deployment)
+        env = self.env(name, deployment)
+        if operation is None:
+            return None
+        return DeploymentSpec(
+            name=name,
+            operation=operation,
+            method=method,
+            expose=expose,
+            also_proxy=tuple(values.also_proxy(item) for item in also_proxy),
+            volumes=volumes,
+            env=env,
+            run=run,
+            shell=shell,
+            namespace=deployment.namespace or self.file.namespace,
+            context=deployment.context or self.file.context,
+            agent_image=operation.image if isinstance(operation, NewOp) else image,
+        )
+
+    # -- across deployments ------------------------------------------------------------------------
+
+    def across(self, specs: list[DeploymentSpec]) -> None:
+        self.one_shell(specs)
+        self.one_vpn_context(specs)
+        self.distinct_targets(specs)
+        self.distinct_paths(specs)
+
+    def own_or_inherited(self, spec: DeploymentSpec, attr: str) -> DocPath:
+        return self.setting(spec.name, self.file.deployments[spec.name], attr)[1]
+
+    def one_shell(self, specs: list[DeploymentSpec]) -> None:
+        shells = [spec for spec in specs if spec.shell]
+        for spec in shells[1:]:
+            self.error(
+                f"only one deployment can have `shell: true`, and `{shells[0].name}` has it "
+                "(the shell takes the terminal)",
+                self.own_or_inherited(spec, "shell"),
+                hint="use `run` for the others",
+            )
+
+    def one_vpn_context(self, specs: list[DeploymentSpec]) -> None:
+        vpn = [spec for spec in specs if spec.method == "vpn-tcp"]
+        for spec in vpn[1:]:
+            if spec.context == vpn[0].context:
+                continue
+            deployment = self.file.deployments[spec.name]
+            path: DocPath = (
+                ("deployments", spec.name, "context")
+                if deployment.context
+                else self.own_or_inherited(spec, "method")
+            )
+            self.error(
+                f"`vpn-tcp` deployments share one VPN, so they must use the same context: "
+                f"`{vpn[0].name}` uses {_context_text(vpn[0].context)}, "
+                f"`{spec.name}` uses {_context_text(spec.context)}",
+                path,
+                hint="give them the same `context`, or use `method: inject-tcp` for this one",
+            )
+
+    def distinct_targets(self, specs: list[DeploymentSpec]) -> None:
+        owners: dict[tuple[str | None, str | None, str], str] = {}
+        for spec in specs:
+            op = spec.operation
+            target = spec.name if isinstance(op, NewOp) else op.deployment
+            key = (spec.context, spec.namespace, target)
+            if key in owners:
+                self.error(
+                    f"Kubernetes Deployment `{target}` is already used by `{owners[key]}`",
+                    ("deployments", spec.name),
+                    hint="each Deployment can be proxied by one entry only",
+                )
+            else:
+                owners[key] = spec.name
+
+    def distinct_paths(self, specs: list[DeploymentSpec]) -> None:
+        roots: dict[Path, str] = {}
+        exports: dict[Path, str] = {}
+        for spec in specs:
+            if spec.volumes is not None:
+                if spec.volumes.root in roots:
+                    self.error(
+                        f"volume root `{self.shown(spec.volumes.root)}` is also used by `{roots[spec.volumes.root]}`",
+                        self.own_or_inherited(spec, "volumes"),
+                        hint="give each deployment its own `volumes.root`",
+                    )
+                roots.setdefault(spec.volumes.root, spec.name)
+            export = spec.env.export
+            if export is not None:
+                if export.file in exports:
+                    self.error(
+                        f"export file `{self.shown(export.file)}` is also written by `{exports[export.file]}`",
+                        self.own_or_inherited(spec, "env"),
+                        hint="give each deployment its own `env.export` file",
+                    )
+                exports.setdefault(export.file, spec.name)
+
+
+def resolve(
+    file: models.TelepresenceFile, locator: Locator, *, source_path: Path, base_dir: Path
+) -> Project:
+    """Apply defaults, check the rules between keys and build the :class:`Project`.
+
+    Raises :class:`ConfigError` or :class:`ConfigErrors` with every violation.
+    """
+    resolver = _Resolver(file, locator, base_dir)
+    specs = [
+        spec
+        for name, deployment in file.deployments.items()
+        if (spec := resolver.deployment(name, deployment)) is not None
+    ]
+    resolver.across(specs)
+    errors = list(resolver.errors.values())
+    if errors:
+        raise ConfigErrors(errors) if len(errors) > 1 else errors[0]
+    warnings = sorted(
+        resolver.warnings.values(),
+        key=lambda w: (w.position.line or 0, w.position.column or 0, w.loc),
+    )
+    return Project(
+        source_path=source_path,
+        base_dir=base_dir,
+        context=file.context,
+        namespace=file.namespace,
+        vpn=VpnSpec(
+            pod_cidrs=tuple(values.network(c) for c in file.vpn.pod_cidrs),
+            service_cidrs=tuple(values.network(c) for c in file.vpn.service_cidrs),
+        ),
+        deployments=tuple(specs),
+        warnings=tuple(warnings),
+    )
