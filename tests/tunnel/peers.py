@@ -1,0 +1,166 @@
+"""Real local peers for the tunnel tests: an asyncssh server playing the agent, TCP servers.
+
+The agent server authenticates only the proxy's client key, presents the proxy's host key,
+allows ``direct-tcpip`` and remote forwards, runs commands with ``/bin/sh -c`` and serves sftp,
+like the agent's OpenSSH sshd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import asyncssh
+from anyio.abc import SocketStream
+
+from tpconf.tunnel import ProxyKeys
+
+
+class _Server(asyncssh.SSHServer):
+    def __init__(self, owner: AgentServer) -> None:
+        self._owner = owner
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._owner.connections.append(conn)
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> bool:
+        return True
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        return True
+
+
+async def _run_command(process: asyncssh.SSHServerProcess[bytes]) -> None:
+    result = await anyio.run_process(["/bin/sh", "-c", process.command or ""], check=False)
+    process.stdout.write(result.stdout)
+    process.stderr.write(result.stderr)
+    process.exit(result.returncode)
+
+
+class AgentServer:
+    """An in-process SSH server on 127.0.0.1 that can be killed and started again."""
+
+    def __init__(self, keys: ProxyKeys, *, host_private_key: str | None = None) -> None:
+        self.keys = keys
+        self._host_key = asyncssh.import_private_key(host_private_key or keys.host_private_key)
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self.connections: list[asyncssh.SSHServerConnection] = []
+        self.port = 0
+
+    async def start(self, port: int = 0) -> None:
+        self._acceptor = await asyncssh.listen(
+            "127.0.0.1",
+            port or self.port,
+            server_host_keys=[self._host_key],
+            authorized_client_keys=asyncssh.import_authorized_keys(self.keys.client_public_key),
+            server_factory=lambda: _Server(self),
+            process_factory=_run_command,
+            sftp_factory=True,
+            encoding=None,
+            reuse_address=True,
+        )
+        self.port = self._acceptor.get_port()
+
+    async def kill(self) -> None:
+        """Stop listening and drop every connection, as a deleted pod would."""
+        if self._acceptor is not None:
+            self._acceptor.close()
+            await self._acceptor.wait_closed()
+            self._acceptor = None
+        for conn in self.connections:
+            conn.abort()
+        self.connections.clear()
+
+
+@asynccontextmanager
+async def agent_server(
+    keys: ProxyKeys, *, host_private_key: str | None = None
+) -> AsyncIterator[AgentServer]:
+    server = AgentServer(keys, host_private_key=host_private_key)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()
+
+
+async def _echo(stream: SocketStream) -> None:
+    async with stream:
+        try:
+            async for chunk in stream:
+                await stream.send(chunk)
+        except anyio.BrokenResourceError:
+            pass
+
+
+async def _reply_after_eof(stream: SocketStream) -> None:
+    """Reads everything until EOF, then answers: only works if half-close gets through."""
+    async with stream:
+        received = b""
+        async for chunk in stream:
+            received += chunk
+        await stream.send(b"got " + received.upper())
+
+
+@asynccontextmanager
+async def tcp_server(kind: str = "echo") -> AsyncIterator[int]:
+    """A loopback TCP server (``echo`` or ``reply-after-eof``); yields its port."""
+    handler = _echo if kind == "echo" else _reply_after_eof
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, handler)
+            yield port
+            tg.cancel_scope.cancel()
+
+
+class FreezableProxy:
+    """A TCP proxy that can stop passing bytes without closing anything: a vanished pod."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.frozen = False
+        self._thawed = anyio.Event()
+
+    def freeze(self) -> None:
+        self.frozen = True
+        self._thawed = anyio.Event()
+
+    async def _pump(self, source: SocketStream, sink: SocketStream) -> None:
+        try:
+            async for chunk in source:
+                if self.frozen:
+                    await self._thawed.wait()
+                await sink.send(chunk)
+            await sink.send_eof()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+
+    async def _handle(self, client: SocketStream) -> None:
+        async with (
+            client,
+            await anyio.connect_tcp("127.0.0.1", self.upstream_port) as upstream,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(self._pump, client, upstream)
+            tg.start_soon(self._pump, upstream, client)
+
+
+@asynccontextmanager
+async def freezable_proxy(upstream_port: int) -> AsyncIterator[tuple[FreezableProxy, int]]:
+    proxy = FreezableProxy(upstream_port)
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, proxy._handle)
+            yield proxy, port
+            tg.cancel_scope.cancel()

@@ -1,0 +1,431 @@
+"""One SSH connection to one agent, multiplexed (DESIGN.md section 2).
+
+:func:`open_tunnel` logs in with the proxy's client key, accepts only the pinned host key, and
+yields a :class:`Tunnel`:
+
+- :meth:`Tunnel.dial` opens one ``direct-tcpip`` channel per outbound connection (it is a
+  :class:`tpconf.net.Dialer`);
+- :meth:`Tunnel.forward_remote` makes the agent listen on a pod port and deliver each
+  connection to a local TCP server (``expose``);
+- :meth:`Tunnel.run` runs a command on the agent (pod info);
+- :meth:`Tunnel.open_sftp_stream` starts the ``sftp`` subsystem, whose byte stream feeds
+  ``sshfs -o passive`` so volumes share this connection.
+
+asyncssh and ``OSError`` exceptions are translated here, and only here, into the
+:mod:`tpconf.errors` tree.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import socket
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple, TypeAlias
+
+import anyio
+import asyncssh
+from anyio.abc import ByteStream
+
+from tpconf.errors import ForwardFailed, HostKeyMismatch, TunnelDown, TunnelError
+from tpconf.tunnel.stream import DEFAULT_READ_LIMIT, SubsystemStream, TCPChannelStream
+
+log = logging.getLogger(__name__)
+
+Endpoint: TypeAlias = "tuple[str, int] | socket.socket"
+"""Where the agent's sshd is reached: a local TCP address (the ``kubectl port-forward`` port) or a
+connected socket (e.g. the one the ``kubernetes`` client's port-forward hands out)."""
+
+#: Fastest first. AES-GCM uses AES-NI through OpenSSL; asyncssh's own default puts
+#: chacha20-poly1305 first, which is much slower in Python.
+CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+)
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    """Runtime tunables of a tunnel. Tests pass small values; nobody patches ``sleep``."""
+
+    keepalive_interval: float = 5.0
+    """Seconds between SSH keepalives when the connection is idle."""
+    keepalive_count_max: int = 3
+    """Unanswered keepalives after which the connection counts as dropped (~15 s by default)."""
+    connect_timeout: float = 15.0
+    """Seconds for TCP connect, SSH handshake and authentication together."""
+    close_timeout: float = 2.0
+    """Seconds a clean SSH close may take before the connection is dropped."""
+    command_timeout: float = 30.0
+    """Default limit for :meth:`Tunnel.run`."""
+    channel_window: int = 2 * 1024 * 1024
+    """SSH receive window of each channel, in bytes."""
+    channel_max_packet: int = 32 * 1024
+    """Largest SSH data packet we accept on a channel, in bytes (OpenSSH sends 32 KiB)."""
+    read_limit: int = DEFAULT_READ_LIMIT
+    """Unread bytes per channel above which the far end is slowed down."""
+
+    backoff_initial: float = 0.2
+    """Supervision: first delay before reconnecting, doubled after each failure."""
+    backoff_max: float = 5.0
+    """Supervision: the longest delay between reconnection attempts."""
+    first_connect_timeout: float = 30.0
+    """Supervision: seconds the first connection may take (retries included) before failing."""
+    dial_wait: float = 10.0
+    """Supervision: seconds ``dial()`` waits for a reconnection before raising TunnelDown."""
+
+
+#: The defaults, shared (the dataclass is frozen).
+DEFAULT_SETTINGS = TunnelSettings()
+
+
+@dataclass(frozen=True, repr=False)
+class Credentials:
+    """Who we log in as and whom we trust: the client half and the pinned host half of ProxyKeys."""
+
+    username: str
+    client_key: str
+    """OpenSSH private key text."""
+    host_key: str
+    """The one host public key accepted (``ssh-ed25519 AAAA...``)."""
+
+    def __repr__(self) -> str:
+        return f"Credentials(username={self.username!r}, host_key={self.host_key!r})"
+
+
+class CommandResult(NamedTuple):
+    """What :meth:`Tunnel.run` returns."""
+
+    exit_status: int
+    """The exit status; negative for a signal, -1 when unknown."""
+    stdout: bytes
+    stderr: bytes
+
+
+class RemoteForward:
+    """A port the agent listens on; each connection to it is delivered to a local TCP address."""
+
+    def __init__(self, listener: asyncssh.SSHListener, *, bind_host: str, local: str) -> None:
+        self._listener = listener
+        self.bind_host = bind_host
+        self.local = local
+
+    @property
+    def port(self) -> int:
+        """The port the agent listens on (the one allocated, when 0 was asked)."""
+        return self._listener.get_port()
+
+    def close(self) -> None:
+        """Stop listening in the pod; connections already delivered stay open."""
+        self._listener.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, and wait until the agent has stopped listening."""
+        self._listener.close()
+        await self._listener.wait_closed()
+
+
+class _Client(asyncssh.SSHClient):
+    def __init__(self) -> None:
+        self.closed = anyio.Event()
+        self.reason: str = "the SSH connection was closed"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.reason = f"the SSH connection was lost: {exc}"
+        self.closed.set()
+
+
+class Tunnel:
+    """An SSH connection to one agent. Implements :class:`tpconf.net.Dialer`."""
+
+    def __init__(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        client: _Client,
+        *,
+        where: str,
+        settings: TunnelSettings,
+    ) -> None:
+        self._conn = conn
+        self._client = client
+        self._settings = settings
+        self.where = where
+        """Where the agent was reached, for messages (``127.0.0.1:40123``)."""
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is gone (dropped or closed)."""
+        return self._client.closed.is_set()
+
+    async def wait_closed(self) -> str:
+        """Wait until the connection is gone; return why, in words."""
+        await self._client.closed.wait()
+        return self._client.reason
+
+    def close(self) -> None:
+        """Close the connection; every channel and remote forward on it ends."""
+        self._conn.close()
+
+    def _down(self, exc: BaseException) -> TunnelDown:
+        return TunnelDown(
+            f"the SSH connection to the agent at {self.where} is down: {exc}",
+            hint="tpconf reconnects by itself; if this persists, check the proxy pod with"
+            " `kubectl get pods`",
+        )
+
+    async def dial(self, host: str, port: int) -> ByteStream:
+        """Open a TCP connection from the agent pod to ``host:port`` (one ``direct-tcpip`` channel).
+
+        Raises ``OSError`` (``ConnectionRefusedError``, ``socket.gaierror``…) when the pod could
+        not connect, :class:`TunnelDown` when the SSH connection is gone, and
+        :class:`TunnelError` when the agent refuses to forward at all.
+        """
+        if self.closed:
+            raise self._down(ConnectionError(self._client.reason))
+        settings = self._settings
+        try:
+            _chan, session = await self._conn.create_connection(
+                lambda: TCPChannelStream(read_limit=settings.read_limit),
+                host,
+                port,
+                window=settings.channel_window,
+                max_pktsize=settings.channel_max_packet,
+            )
+        except asyncssh.ChannelOpenError as exc:
+            if self.closed:
+                raise self._down(exc) from exc
+            raise _open_error(host, port, exc) from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise self._down(exc) from exc
+        assert isinstance(session, TCPChannelStream)
+        return session
+
+    async def forward_remote(
+        self,
+        remote_port: int,
+        local_port: int,
+        *,
+        local_host: str = "127.0.0.1",
+        bind_host: str = "0.0.0.0",
+    ) -> RemoteForward:
+        """Make the agent listen on ``bind_host:remote_port`` and deliver to ``local_host:local_port``.
+
+        ``remote_port`` 0 lets the agent choose (see :attr:`RemoteForward.port`). Raises
+        :class:`ForwardFailed` when the agent cannot listen there.
+        """
+        try:
+            listener = await self._conn.forward_remote_port(
+                bind_host, remote_port, local_host, local_port
+            )
+        except asyncssh.ChannelListenError as exc:
+            raise _forward_failed(remote_port, bind_host, exc) from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise self._down(exc) from exc
+        return RemoteForward(listener, bind_host=bind_host, local=f"{local_host}:{local_port}")
+
+    async def run(self, command: str, *, timeout: float | None = None) -> CommandResult:
+        """Run ``command`` on the agent (through its login shell); collect status and output."""
+        limit = self._settings.command_timeout if timeout is None else timeout
+        try:
+            with anyio.fail_after(limit):
+                result = await self._conn.run(command, check=False, encoding=None)
+        except TimeoutError as exc:
+            raise TunnelError(
+                f"`{command}` did not finish within {limit:g} s on the agent at {self.where}"
+            ) from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise self._down(exc) from exc
+        status = result.exit_status if result.exit_status is not None else result.returncode
+        return CommandResult(
+            exit_status=-1 if status is None else status,
+            stdout=_as_bytes(result.stdout),
+            stderr=_as_bytes(result.stderr),
+        )
+
+    async def open_sftp_stream(self) -> ByteStream:
+        """Start the agent's ``sftp`` subsystem; return its stdin/stdout as one byte stream.
+
+        This is how volumes share the tunnel: run ``sshfs -o passive,ro :/ MOUNTPOINT`` (sshfs
+        then speaks SFTP on its own stdin/stdout instead of starting ssh) and copy bytes both
+        ways between the child's pipes and this stream; close the stream to end the mount.
+        """
+        try:
+            _chan, session = await self._conn.create_session(
+                lambda: SubsystemStream(read_limit=self._settings.read_limit),
+                subsystem="sftp",
+                encoding=None,
+                window=self._settings.channel_window,
+                max_pktsize=self._settings.channel_max_packet,
+            )
+        except asyncssh.ChannelOpenError as exc:
+            if self.closed:
+                raise self._down(exc) from exc
+            raise TunnelError(
+                f"the agent at {self.where} refused to start sftp: {exc.reason}",
+                hint="the agent image needs sftp-server and `Subsystem sftp` in its sshd_config",
+            ) from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise self._down(exc) from exc
+        assert isinstance(session, SubsystemStream)
+        return session
+
+
+def _as_bytes(data: object) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode()
+    return b""
+
+
+#: Errors the agent's sshd reports (as strerror text) when a direct-tcpip connect fails.
+_OPEN_ERRNOS = (
+    errno.ECONNREFUSED,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.EADDRNOTAVAIL,
+)
+_NAME_ERRORS = ("name or service not known", "name resolution", "nodename nor servname")
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]")
+
+
+def _open_error(host: str, port: int, exc: asyncssh.ChannelOpenError) -> Exception:
+    """The exception ``dial`` raises for a refused channel: an OSError when the pod's connect failed."""
+    reason = exc.reason or "channel open failed"
+    where = f"{host}:{port}"
+    if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
+        return TunnelError(
+            f"the agent refused to forward a connection to {where}: {reason}",
+            hint="the agent's sshd_config needs `AllowTcpForwarding yes` and `PermitOpen any`",
+        )
+    lowered = reason.lower()
+    if any(text in lowered for text in _NAME_ERRORS):
+        return socket.gaierror(socket.EAI_NONAME, f"{host}: {reason} (resolved in the pod)")
+    match = _ERRNO_IN_TEXT.search(reason)
+    if match:
+        code = int(match.group(1))
+        return OSError(code, f"{where} from the pod: {reason}")
+    for code in _OPEN_ERRNOS:
+        if os.strerror(code).lower() in lowered:
+            return OSError(code, f"{where} from the pod: {reason}")
+    return OSError(errno.ECONNREFUSED if "refused" in lowered else errno.EIO, f"{where}: {reason}")
+
+
+def _forward_failed(port: int, bind_host: str, exc: asyncssh.ChannelListenError) -> ForwardFailed:
+    if 0 < port < 1024:
+        hint = (
+            f"ports below 1024 need the NET_BIND_SERVICE capability in the agent container (the"
+            f" privileged agent variant); or choose a remote port of 1024 or more in `expose`;"
+            f" otherwise another container in the pod already listens on {port}"
+        )
+    else:
+        hint = (
+            f"another process or container in the pod already listens on {port}: choose another"
+            " remote port in `expose`, or stop the container that uses it"
+        )
+    return ForwardFailed(
+        f"the proxy pod could not listen on port {port} ({bind_host}) for `expose`: {exc}",
+        hint=hint,
+    )
+
+
+def _connect_error(exc: BaseException, where: str, username: str) -> TunnelError:
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return HostKeyMismatch(
+            f"the SSH server at {where} presented a host key other than the one tpconf generated"
+            f" for this proxy; refusing to connect ({exc})",
+            hint="something other than this proxy's agent answers on that port (a re-created"
+            " proxy, or an interception): run `tpconf down` and `tpconf up` to re-create it",
+        )
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return TunnelError(
+            f"the agent at {where} refused tpconf's client key for user {username!r} ({exc})",
+            hint="the agent must read `authorized_keys` from the proxy's Secret; run `tpconf down`"
+            " and `tpconf up` to re-create the proxy and its keys",
+        )
+    if isinstance(exc, asyncssh.KeyExchangeFailed):
+        return TunnelError(
+            f"no common SSH algorithms with the agent at {where} ({exc})",
+            hint="the agent's sshd must offer an ed25519 host key (the one from the proxy's Secret)",
+        )
+    return TunnelDown(
+        f"could not open an SSH connection to the agent at {where}: {exc or type(exc).__name__}",
+        hint="tpconf retries by itself; if this persists, check the proxy pod with"
+        " `kubectl get pods` and `kubectl logs`",
+    )
+
+
+@contextmanager
+def _connect_errors(where: str, username: str) -> Iterator[None]:
+    try:
+        yield
+    except (asyncssh.Error, OSError) as exc:  # TimeoutError is an OSError
+        raise _connect_error(exc, where, username) from exc
+
+
+def _import_keys(credentials: Credentials) -> tuple[asyncssh.SSHKey, asyncssh.SSHKey]:
+    try:
+        client_key = asyncssh.import_private_key(credentials.client_key)
+        host_key = asyncssh.import_public_key(credentials.host_key)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise TunnelError(
+            f"the proxy's SSH keys do not parse: {exc}",
+            hint="run `tpconf down` and `tpconf up` to re-create the proxy and its keys",
+        ) from exc
+    return client_key, host_key
+
+
+@asynccontextmanager
+async def open_tunnel(
+    endpoint: Endpoint,
+    credentials: Credentials,
+    *,
+    settings: TunnelSettings = DEFAULT_SETTINGS,
+) -> AsyncIterator[Tunnel]:
+    """Connect to the agent's sshd at ``endpoint``; close the connection on exit.
+
+    Raises :class:`HostKeyMismatch` if the server's key is not ``credentials.host_key``,
+    :class:`TunnelError` if our key is refused, :class:`TunnelDown` for network failures.
+    """
+    client_key, host_key = _import_keys(credentials)
+    if isinstance(endpoint, socket.socket):
+        host, port, where, sock = "", 0, "a connected socket", endpoint
+    else:
+        (host, port), sock = endpoint, None
+        where = f"{host}:{port}"
+    client = _Client()
+    with _connect_errors(where, credentials.username):
+        conn, _ = await asyncssh.create_connection(
+            lambda: client,
+            host,
+            port,
+            sock=sock,
+            username=credentials.username,
+            client_keys=[client_key],
+            known_hosts=([host_key], [], []),  # pinned: this key and no other
+            preferred_auth="publickey",
+            agent_path=None,  # never offer the user's ssh-agent keys
+            config=None,  # never read ~/.ssh/config
+            encryption_algs=list(CIPHERS),
+            keepalive_interval=settings.keepalive_interval,
+            keepalive_count_max=settings.keepalive_count_max,
+            connect_timeout=settings.connect_timeout,
+        )
+    log.debug("SSH connection to the agent at %s is up", where)
+    try:
+        yield Tunnel(conn, client, where=where, settings=settings)
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(settings.close_timeout):
+            conn.close()
+            await conn.wait_closed()
+        conn.abort()

@@ -1,0 +1,205 @@
+"""A ``kubectl port-forward`` child: the way from this machine to the agent's sshd (127.0.0.1:8022
+in the pod).
+
+:func:`kubectl_port_forward` starts ``kubectl [--kubeconfig K] [--context C] -n NS port-forward
+pod/NAME :8022 --address 127.0.0.1`` in its own process group, learns the local port from its
+``Forwarding from 127.0.0.1:PORT -> 8022`` line, and on exit stops the whole group (SIGTERM,
+then SIGKILL after a grace period). One kubectl serves one SSH connection: when it dies, the SSH
+connection through it drops and the supervisor (:mod:`tpconf.tunnel.session`) starts a new one.
+
+stderr goes to an unnamed temporary file, so kubectl never blocks on a full pipe and its last
+words can be quoted when it fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import IO
+
+import anyio
+from anyio.abc import Process
+
+from tpconf.errors import Forbidden, TpconfError, TunnelDown, TunnelError, trim_payload
+from tpconf.tunnel.connection import Endpoint
+from tpconf.tunnel.session import Transport
+
+log = logging.getLogger(__name__)
+
+#: The agent's sshd port inside the pod.
+AGENT_SSH_PORT = 8022
+
+_FORWARDING = re.compile(rb"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)")
+
+
+@dataclass(frozen=True)
+class PortForwardTarget:
+    """What to port-forward to, and with which kubectl."""
+
+    namespace: str
+    resource: str
+    """``pod/NAME``; ``deployment/NAME`` also works (kubectl picks one of its pods each start)."""
+    remote_port: int = AGENT_SSH_PORT
+    kubectl: str = "kubectl"
+    """The kubectl executable: a path, or a name looked up on ``PATH``."""
+    kubeconfig: str | None = None
+    context: str | None = None
+
+    def command(self) -> list[str]:
+        """The kubectl command line."""
+        cmd = [self.kubectl]
+        if self.kubeconfig:
+            cmd += ["--kubeconfig", self.kubeconfig]
+        if self.context:
+            cmd += ["--context", self.context]
+        cmd += ["-n", self.namespace, "port-forward", self.resource, f":{self.remote_port}"]
+        return [*cmd, "--address", "127.0.0.1"]
+
+
+class PortForward:
+    """A running ``kubectl port-forward``."""
+
+    def __init__(self, process: Process, stderr: IO[bytes], target: PortForwardTarget) -> None:
+        self._process = process
+        self._stderr = stderr
+        self.target = target
+        self.local_port = 0
+        """The local port on 127.0.0.1 that reaches the pod's port."""
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """kubectl's exit status, or None while it runs."""
+        return self._process.returncode
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """Where to connect: ``("127.0.0.1", local_port)``."""
+        return ("127.0.0.1", self.local_port)
+
+    async def wait(self) -> int:
+        """Wait until kubectl exits (it should not: then restart it); return its status."""
+        return await self._process.wait()
+
+    def stderr_tail(self, limit: int = 2048) -> str:
+        """The end of what kubectl wrote on stderr so far."""
+        self._stderr.flush()
+        size = self._stderr.seek(0, os.SEEK_END)
+        self._stderr.seek(max(0, size - limit))
+        return self._stderr.read().decode(errors="replace").strip()
+
+    async def _wait_ready(self, timeout: float) -> None:
+        assert self._process.stdout is not None
+        buffer = b""
+        with anyio.move_on_after(timeout):
+            async for chunk in self._process.stdout:
+                buffer += chunk
+                match = _FORWARDING.search(buffer)
+                if match:
+                    self.local_port = int(match.group(1))
+                    return
+                buffer = buffer[-200:]
+            await self._process.wait()  # stdout closed: kubectl is exiting
+            raise self._failure(f"exited with status {self._process.returncode}")
+        raise TunnelDown(
+            f"`{' '.join(self.target.command())}` did not start forwarding within {timeout:g} s:"
+            f" {trim_payload(self.stderr_tail()) or 'no output'}",
+            hint="is the proxy pod running? check it with `kubectl get pods`",
+        )
+
+    def _failure(self, what: str) -> TpconfError:
+        text = self.stderr_tail()
+        lowered = text.lower()
+        command = " ".join(self.target.command())
+        if "forbidden" in lowered:
+            return Forbidden(
+                f"not allowed to port-forward to {self.target.resource} in namespace"
+                f" {self.target.namespace}: {trim_payload(text)}",
+                hint="the RBAC Role needs verb `create` on resource `pods/portforward`"
+                " (see docs/rbac.yaml)",
+            )
+        return TunnelDown(
+            f"`{command}` {what}: {trim_payload(text) or 'no output'}",
+            hint="tpconf restarts it; if this persists, check the proxy pod with `kubectl get pods`",
+        )
+
+    async def _stop(self, grace: float) -> None:
+        with anyio.CancelScope(shield=True):
+            if self._process.returncode is None:
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    try:
+                        os.killpg(self._process.pid, sig)
+                    except ProcessLookupError:
+                        break
+                    with anyio.move_on_after(grace):
+                        await self._process.wait()
+                        break
+                    log.debug("kubectl port-forward (pid %d) ignored %s", self.pid, sig.name)
+            await self._process.wait()
+            await self._process.aclose()
+            self._stderr.close()
+
+
+@asynccontextmanager
+async def kubectl_port_forward(
+    target: PortForwardTarget, *, ready_timeout: float = 20.0, stop_grace: float = 2.0
+) -> AsyncIterator[PortForward]:
+    """Run ``kubectl port-forward`` while the block runs; yields once it forwards.
+
+    Raises :class:`TunnelDown` when kubectl exits or stays silent (retrying can help: the pod
+    may be starting), :class:`~tpconf.errors.Forbidden` when RBAC forbids ``pods/portforward``,
+    :class:`TunnelError` when kubectl cannot be run at all.
+    """
+    stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by PortForward._stop
+    try:
+        process = await anyio.open_process(
+            target.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            start_new_session=True,  # its own process group: we signal the group
+        )
+    except OSError as exc:
+        stderr.close()
+        raise TunnelError(
+            f"cannot run {target.kubectl!r}: {exc}",
+            hint="install kubectl, or set the path to it in tpconf's settings",
+        ) from exc
+    forward = PortForward(process, stderr, target)
+    try:
+        await forward._wait_ready(ready_timeout)
+        log.debug("kubectl port-forward (pid %d) on 127.0.0.1:%d", forward.pid, forward.local_port)
+        yield forward
+    finally:
+        await forward._stop(stop_grace)
+
+
+TargetSource = PortForwardTarget | Callable[[], Awaitable[PortForwardTarget]]
+"""A fixed target, or an async callable that finds the current proxy pod for each attempt."""
+
+
+def port_forward_transport(
+    target: TargetSource, *, ready_timeout: float = 20.0, stop_grace: float = 2.0
+) -> Transport:
+    """A :data:`~tpconf.tunnel.session.Transport` that starts a fresh ``kubectl port-forward``
+    for every connection attempt."""
+
+    @asynccontextmanager
+    async def transport() -> AsyncIterator[Endpoint]:
+        current = target if isinstance(target, PortForwardTarget) else await target()
+        async with kubectl_port_forward(
+            current, ready_timeout=ready_timeout, stop_grace=stop_grace
+        ) as forward:
+            yield forward.endpoint
+
+    return transport
