@@ -1,0 +1,411 @@
+"""The SOCKS5 server of inject-tcp: what torsocks talks to on behalf of the wrapped process.
+
+Owns a sans-IO codec (``parse_*`` / ``build_*``: bytes in, values out, no sockets) and
+:class:`SocksServer`, the anyio server around it. Supported: the no-authentication method;
+CONNECT to a domain name, an IPv4 or an IPv6 address; Tor's RESOLVE (0xF0) and RESOLVE_PTR
+(0xF1), which torsocks uses for every name lookup of the process.
+
+* Names are resolved by the :class:`~tpconf.proxy.resolver.ClusterResolver` (the pod's search
+  list applied: torsocks sends the name exactly as the program wrote it); connections leave
+  through the :class:`~tpconf.net.Dialer`, that is from the proxy pod.
+* Loopback stays local: ``localhost``, 127.0.0.0/8 and ::1 are connected from this machine, and a
+  RESOLVE_PTR of a loopback address is answered ``localhost`` without asking the cluster
+  (``python3 -m http.server`` asks for 127.0.0.1 at start-up and hangs forever without a reply).
+* Every request gets a reply at once, an error code at worst; a connection's failure is logged
+  and never reaches the server.
+* The relay propagates half-close: EOF from one side is passed on with ``send_eof`` and the other
+  direction keeps flowing until it ends too.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING, TypeVar
+
+import anyio
+from anyio.abc import ByteStream, SocketAttribute, TaskStatus
+
+from tpconf import errors
+from tpconf.proxy.resolver import ResolveError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tpconf.net import Dialer
+    from tpconf.proxy.resolver import ClusterResolver
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+VERSION = 5
+
+#: Bytes read at once by the relay: as much as the event loop hands over in one go.
+RELAY_CHUNK = 256 * 1024
+
+
+class Method(IntEnum):
+    """Authentication methods (RFC 1928 section 3)."""
+
+    NO_AUTH = 0x00
+    NO_ACCEPTABLE = 0xFF
+
+
+class Command(IntEnum):
+    """Request commands: RFC 1928 plus Tor's extensions (tor socks-extensions.txt)."""
+
+    CONNECT = 0x01
+    BIND = 0x02
+    UDP_ASSOCIATE = 0x03
+    RESOLVE = 0xF0
+    RESOLVE_PTR = 0xF1
+
+
+class AddressType(IntEnum):
+    """ATYP values."""
+
+    IPV4 = 0x01
+    DOMAIN = 0x03
+    IPV6 = 0x04
+
+
+class Reply(IntEnum):
+    """REP values of a reply."""
+
+    SUCCEEDED = 0x00
+    GENERAL_FAILURE = 0x01
+    NOT_ALLOWED = 0x02
+    NETWORK_UNREACHABLE = 0x03
+    HOST_UNREACHABLE = 0x04
+    CONNECTION_REFUSED = 0x05
+    TTL_EXPIRED = 0x06
+    COMMAND_NOT_SUPPORTED = 0x07
+    ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+
+
+class SocksProtocolError(Exception):
+    """Raised by the codec on bytes that break the protocol; ``reply`` is the code to answer."""
+
+    def __init__(self, message: str, reply: Reply = Reply.GENERAL_FAILURE) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+@dataclass(frozen=True, slots=True)
+class Greeting:
+    """The client's first message: the authentication methods it offers."""
+
+    methods: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A request: ``command`` is kept as a number so unknown ones can be refused with code 7."""
+
+    command: int
+    address_type: AddressType
+    host: str
+    """A domain name as sent, or an address in its canonical text form."""
+    port: int
+
+
+# -- codec ------------------------------------------------------------------------------------
+
+
+def parse_greeting(data: bytes) -> tuple[Greeting, int] | None:
+    """The greeting at the start of ``data`` and its length; ``None`` until it is complete.
+
+    ``VER NMETHODS METHODS...``
+    """
+    if len(data) < 2:
+        return None
+    if data[0] != VERSION:
+        raise SocksProtocolError(f"not SOCKS5 (version byte {data[0]})")
+    end = 2 + data[1]
+    if len(data) < end:
+        return None
+    return Greeting(frozenset(data[2:end])), end
+
+
+def parse_request(data: bytes) -> tuple[Request, int] | None:
+    """The request at the start of ``data`` and its length; ``None`` until it is complete.
+
+    ``VER CMD RSV ATYP DST.ADDR DST.PORT``; DST.ADDR is 4 bytes, 16 bytes, or a length byte
+    and that many bytes of name.
+    """
+    if len(data) < 5:
+        return None
+    if data[0] != VERSION:
+        raise SocksProtocolError(f"not SOCKS5 (version byte {data[0]})")
+    command, atyp = data[1], data[3]
+    if atyp == AddressType.IPV4:
+        start, end = 4, 8
+        make: Callable[[bytes], str] = lambda raw: str(ipaddress.IPv4Address(raw))
+    elif atyp == AddressType.IPV6:
+        start, end = 4, 20
+        make = lambda raw: str(ipaddress.IPv6Address(raw))
+    elif atyp == AddressType.DOMAIN:
+        start, end = 5, 5 + data[4]
+        make = lambda raw: raw.decode("utf-8", "replace")
+    else:
+        raise SocksProtocolError(
+            f"address type {atyp} is not supported", Reply.ADDRESS_TYPE_NOT_SUPPORTED
+        )
+    if len(data) < end + 2:
+        return None
+    host = make(bytes(data[start:end]))
+    port = int.from_bytes(data[end : end + 2], "big")
+    return Request(command, AddressType(atyp), host, port), end + 2
+
+
+def build_method_selection(method: int) -> bytes:
+    """``VER METHOD``: the server's choice of authentication method."""
+    return bytes((VERSION, method))
+
+
+def build_reply(reply: Reply, host: str | None = None, port: int = 0) -> bytes:
+    """``VER REP RSV ATYP BND.ADDR BND.PORT``; ``host`` is an address or a name (RESOLVE_PTR).
+
+    Without ``host`` the bound address is 0.0.0.0: clients ignore it on errors, and through the
+    cluster the real one is not known.
+    """
+    try:
+        address = ipaddress.ip_address(host or "0.0.0.0")
+    except ValueError:
+        name = (host or "").encode("utf-8")[:255]
+        body = bytes((AddressType.DOMAIN, len(name))) + name
+    else:
+        atyp = AddressType.IPV4 if address.version == 4 else AddressType.IPV6
+        body = bytes((atyp,)) + address.packed
+    return bytes((VERSION, reply, 0)) + body + port.to_bytes(2, "big")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def is_local_name(name: str) -> bool:
+    """``localhost`` and names under ``.localhost`` (RFC 6761): never sent to the cluster."""
+    name = name.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost")
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 and IPv4-mapped loopback."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def _literal(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+def reply_for(exc: BaseException) -> Reply:
+    """The SOCKS reply code that tells the client what went wrong."""
+    if isinstance(exc, ResolveError):
+        return Reply.HOST_UNREACHABLE
+    if isinstance(exc, ConnectionRefusedError):
+        return Reply.CONNECTION_REFUSED
+    if isinstance(exc, TimeoutError):
+        return Reply.TTL_EXPIRED
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENETUNREACH:
+            return Reply.NETWORK_UNREACHABLE
+        if exc.errno == errno.EHOSTUNREACH:
+            return Reply.HOST_UNREACHABLE
+        # anyio.connect_tcp to a name with several addresses wraps the errors of each attempt.
+        cause = exc.__cause__
+        if isinstance(cause, BaseExceptionGroup) and all(
+            isinstance(e, ConnectionRefusedError) for e in cause.exceptions
+        ):
+            return Reply.CONNECTION_REFUSED
+    return Reply.GENERAL_FAILURE
+
+
+async def relay(a: ByteStream, b: ByteStream, *, chunk: int = RELAY_CHUNK) -> None:
+    """Copy both ways until both directions have ended; EOF is passed on, not turned into close.
+
+    A broken side (reset, closed) stops both directions. The caller closes the streams.
+    """
+
+    async def pump(source: ByteStream, sink: ByteStream) -> None:
+        try:
+            while True:
+                try:
+                    data = await source.receive(chunk)
+                except anyio.EndOfStream:
+                    break
+                await sink.send(data)
+            await sink.send_eof()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pump, a, b)
+        tg.start_soon(pump, b, a)
+
+
+# -- server -----------------------------------------------------------------------------------
+
+
+class SocksServer:
+    """SOCKS5 (+ Tor RESOLVE) on 127.0.0.1, resolving through the cluster and dialing from it.
+
+    ``port`` 0 picks a free port; :meth:`serve` reports the bound one. ``handshake_timeout``
+    bounds how long a client may take to send its greeting and request; ``connect_timeout``
+    bounds opening the outbound connection.
+    """
+
+    def __init__(
+        self,
+        resolver: ClusterResolver,
+        dialer: Dialer,
+        *,
+        port: int = 0,
+        handshake_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.resolver = resolver
+        self.dialer = dialer
+        self.port = port
+        self.handshake_timeout = handshake_timeout
+        self.connect_timeout = connect_timeout
+        #: Client connections being served right now.
+        self.active = 0
+        #: Requests received, by command (``Command.RESOLVE_PTR`` ...): for tests and status.
+        self.requests: Counter[int] = Counter()
+
+    async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled; ``task_status.started(port)`` once bound."""
+        try:
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
+        except OSError as exc:
+            raise errors.ProxyError(
+                f"cannot listen for SOCKS on 127.0.0.1:{self.port}: {exc.strerror or exc}",
+                hint="choose another port, or 0 for any free one",
+            ) from exc
+        async with listener:
+            port = listener.extra(SocketAttribute.local_port)
+            log.debug("SOCKS server listening on 127.0.0.1:%d", port)
+            task_status.started(port)
+            await listener.serve(self._handle)
+
+    async def _handle(self, client: ByteStream) -> None:
+        self.active += 1
+        try:
+            async with client:
+                await self._session(client)
+        except Exception:  # one connection's trouble never stops the server
+            log.debug("SOCKS connection failed", exc_info=True)
+        finally:
+            self.active -= 1
+
+    async def _session(self, client: ByteStream) -> None:
+        buffer = b""
+        try:
+            with anyio.fail_after(self.handshake_timeout):
+                greeting, buffer = await _read(client, buffer, parse_greeting)
+                if Method.NO_AUTH not in greeting.methods:
+                    await client.send(build_method_selection(Method.NO_ACCEPTABLE))
+                    return
+                await client.send(build_method_selection(Method.NO_AUTH))
+                request, buffer = await _read(client, buffer, parse_request)
+        except SocksProtocolError as exc:
+            log.debug("SOCKS protocol error: %s", exc)
+            await client.send(build_reply(exc.reply))
+            return
+        except (TimeoutError, anyio.EndOfStream, anyio.IncompleteRead):
+            return
+        self.requests[request.command] += 1
+        if request.command == Command.CONNECT:
+            await self._connect(client, request, buffer)
+        elif request.command == Command.RESOLVE:
+            await client.send(await self._resolve(request))
+        elif request.command == Command.RESOLVE_PTR:
+            await client.send(await self._resolve_ptr(request))
+        else:
+            await client.send(build_reply(Reply.COMMAND_NOT_SUPPORTED))
+
+    async def _connect(self, client: ByteStream, request: Request, early: bytes) -> None:
+        try:
+            with anyio.fail_after(self.connect_timeout):
+                remote = await self._open(request.host, request.port)
+        except Exception as exc:  # noqa: BLE001  (every request gets a reply, an error at worst)
+            code = reply_for(exc)
+            log.debug("SOCKS CONNECT %s:%d: %s (%s)", request.host, request.port, exc, code.name)
+            await client.send(build_reply(code))
+            return
+        async with remote:
+            await client.send(build_reply(Reply.SUCCEEDED))
+            if early:  # bytes the client sent right after its request, without waiting
+                await remote.send(early)
+            await relay(client, remote)
+
+    async def _open(self, host: str, port: int) -> ByteStream:
+        literal = _literal(host)
+        if literal is None and is_local_name(host):
+            return await anyio.connect_tcp("localhost", port)
+        addresses = [literal] if literal is not None else await self.resolver.addresses(host)
+        last: Exception | None = None
+        for address in addresses:
+            try:
+                if is_loopback(address):
+                    return await anyio.connect_tcp(address, port)
+                return await self.dialer.dial(address, port)
+            except OSError as exc:
+                last = exc
+        assert last is not None  # addresses() never returns an empty list without raising
+        raise last
+
+    async def _resolve(self, request: Request) -> bytes:
+        """RESOLVE: one address in BND.ADDR, IPv4 preferred (torsocks asks for IPv4)."""
+        host = request.host
+        if _literal(host) is not None:
+            return build_reply(Reply.SUCCEEDED, host)
+        if is_local_name(host):
+            return build_reply(Reply.SUCCEEDED, "127.0.0.1")
+        try:
+            addresses = await self.resolver.addresses(host)
+        except ResolveError as exc:
+            log.debug("SOCKS RESOLVE %s: %s", host, exc)
+            return build_reply(reply_for(exc))
+        if not addresses:
+            return build_reply(Reply.HOST_UNREACHABLE)
+        return build_reply(Reply.SUCCEEDED, addresses[0])
+
+    async def _resolve_ptr(self, request: Request) -> bytes:
+        """RESOLVE_PTR: the name in BND.ADDR (ATYP domain); loopback is ``localhost``."""
+        address = _literal(request.host)
+        if address is None:
+            return build_reply(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
+        if is_loopback(address):
+            return build_reply(Reply.SUCCEEDED, "localhost")
+        try:
+            names = await self.resolver.reverse(address)
+        except ResolveError as exc:
+            log.debug("SOCKS RESOLVE_PTR %s: %s", address, exc)
+            return build_reply(reply_for(exc))
+        if not names:
+            return build_reply(Reply.HOST_UNREACHABLE)
+        return build_reply(Reply.SUCCEEDED, names[0])
+
+
+async def _read(
+    stream: ByteStream, buffer: bytes, parse: Callable[[bytes], tuple[_T, int] | None]
+) -> tuple[_T, bytes]:
+    """Receive until ``parse`` finds a complete message; returns it and the bytes after it."""
+    while True:
+        parsed = parse(buffer)
+        if parsed is not None:
+            value, used = parsed
+            return value, buffer[used:]
+        buffer += await stream.receive()
