@@ -1,1 +1,39 @@
-"""tpconf.supervisor."""
+"""tpconf.supervisor: the local side of a deployment: its environment and its process.
+
+- :mod:`.env`: compose the process environment; write ``env.export`` files (dotenv, JSON).
+- :mod:`.process`: run a command supervised (own process group, prefixed output, stop ladder).
+- :mod:`.shell`: ``shell: true``, an interactive shell on the terminal.
+- :mod:`.output`: where process output goes (``name | line``).
+"""
+
+from __future__ import annotations
+
+from tpconf.supervisor.env import (
+    ExportFormat,
+    pod_environment,
+    process_environment,
+    telepresence_variables,
+    to_dotenv,
+    to_json,
+    write_export,
+)
+from tpconf.supervisor.output import CaptureSink, ConsoleSink, OutputSink
+from tpconf.supervisor.process import ProcessExit, ProcessSpec, run_process
+from tpconf.supervisor.shell import run_shell
+
+__all__ = [
+    "CaptureSink",
+    "ConsoleSink",
+    "ExportFormat",
+    "OutputSink",
+    "ProcessExit",
+    "ProcessSpec",
+    "pod_environment",
+    "process_environment",
+    "run_process",
+    "run_shell",
+    "telepresence_variables",
+    "to_dotenv",
+    "to_json",
+    "write_export",
+]
