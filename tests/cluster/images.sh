@@ -12,6 +12,7 @@
 #   tests/cluster/images.sh import   same, but the cluster's containerd must run (up.sh calls this
 #                                    after starting containerd and before the kubelet)
 #   tests/cluster/images.sh build    build only
+#   tests/cluster/images.sh stop-docker   stop the Docker engine this script started (images stay)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -21,7 +22,11 @@ repo=$(cd "$here/../.." && pwd)
 . "$here/images/lib.sh"
 bin=${TPCONF_CLUSTER_BIN:-$STATE/bin}
 mode=${1:-all}
-case "$mode" in all | build | import) ;; *) echo "usage: $0 [all|build|import]" >&2; exit 2 ;; esac
+case "$mode" in
+  all | build | import) ;;
+  stop-docker) lock; stop_docker; exit 0 ;;
+  *) echo "usage: $0 [all|build|import|stop-docker]" >&2; exit 2 ;;
+esac
 
 PAUSE_REF=registry.k8s.io/pause:3.10.1
 COREDNS_REF=registry.k8s.io/coredns/coredns:${COREDNS_VERSION}
@@ -47,6 +52,7 @@ pause_c() {
   return 1
 }
 
+lock
 ensure_dockerd
 
 # pause: compiled like upstream build/pause/Makefile (static, stripped); needs gcc + libc6-dev.
@@ -63,7 +69,7 @@ fi
 
 if [ -x "$bin/coredns" ]; then
   ctx=$(stage coredns coredns)
-  [ "$ctx/coredns" -nt "$bin/coredns" ] || cp -p "$bin/coredns" "$ctx/coredns"
+  cmp -s "$bin/coredns" "$ctx/coredns" || cp -p "$bin/coredns" "$ctx/coredns"
   build_image "$ctx" "$COREDNS_REF" && refs+=("$COREDNS_REF")
 else
   missing+=("$bin/coredns (run tests/cluster/build.sh coredns)")

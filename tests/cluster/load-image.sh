@@ -19,6 +19,7 @@ if [[ $tag != *:* || ${tag##*:} == latest || $ref == *@* ]]; then
   die "$ref: use a fixed, non-latest tag (pods must never try to pull it)"
 fi
 
+lock
 ensure_dockerd
 build_image "$ctx" "$ref"
 if cluster_containerd_up; then

@@ -38,6 +38,9 @@ state = "/run/containerd"
   address = "$CONTAINERD_SOCK"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
+  # These VMs withhold CAP_SYS_RESOURCE even from root, so runc cannot lower oom_score_adj to the
+  # kubelet's -998 for sandboxes ("nsexec: failed to update /proc/self/oom_score_adj").
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"

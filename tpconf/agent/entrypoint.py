@@ -1,0 +1,170 @@
+#!/usr/bin/python3
+"""Entrypoint of the tpconf agent image (see docs/agent.md for the contract).
+
+Runs as any uid (OpenShift assigns one, gid 0): makes sure that uid has a passwd entry named
+`tpconf`, copies the keys from the mounted Secret into a private runtime directory (sshd refuses
+group-readable host keys), records what the pod looks like in /tmp/tpconf/podinfo.json, writes
+sshd's config and replaces itself with sshd in the foreground, which then receives SIGTERM as PID 1.
+
+Standard library only: this file runs inside the image with Debian's python3, not in tpconf's
+environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+KEYS = Path("/etc/tpconf/keys")
+RUN = Path("/tmp/tpconf")
+HOME = Path("/tmp/tpconf-home")
+USER = "tpconf"
+PORT = 8022
+SSHD = "/usr/sbin/sshd"
+
+# Mount points that are the container runtime's or the agent's own, not the pod's volumes.
+EXCLUDED_MOUNTS = frozenset(
+    {"/", "/tmp", "/etc/hostname", "/etc/hosts", "/etc/resolv.conf", str(KEYS), str(RUN), str(HOME)}
+)
+EXCLUDED_TREES = ("/proc", "/sys", "/dev")
+
+SSHD_CONFIG = f"""\
+# Written by the tpconf agent entrypoint at start-up; see docs/agent.md.
+ListenAddress 127.0.0.1:{PORT}
+HostKey {RUN}/host_key
+AuthorizedKeysFile {RUN}/authorized_keys
+PidFile none
+AuthenticationMethods publickey
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+HostbasedAuthentication no
+PermitRootLogin no
+PermitEmptyPasswords no
+UsePAM no
+StrictModes no
+PermitUserEnvironment no
+AllowUsers {USER}
+AllowTcpForwarding yes
+GatewayPorts clientspecified
+AllowStreamLocalForwarding no
+AllowAgentForwarding no
+X11Forwarding no
+PermitTunnel no
+MaxSessions 64
+MaxStartups 64:30:256
+ClientAliveInterval 5
+ClientAliveCountMax 6
+TCPKeepAlive yes
+UseDNS no
+PrintMotd no
+PrintLastLog no
+Subsystem sftp internal-sftp
+LogLevel INFO
+"""
+
+
+def fail(message: str) -> None:
+    sys.stderr.write(f"tpconf-agent: {message}\n")
+    sys.exit(1)
+
+
+def ensure_passwd_entry() -> None:
+    """Give the current uid the login name `tpconf` (sshd refuses uids without a passwd entry).
+
+    The image ships `tpconf` as uid 1000 and makes /etc/passwd writable by gid 0, so any uid
+    that runs with gid 0 (OpenShift's rule) can rename itself.
+    """
+    uid, gid = os.getuid(), os.getgid()
+    passwd = Path("/etc/passwd")
+    lines = passwd.read_text().splitlines()
+    wanted = f"{USER}:x:{uid}:{gid}:tpconf agent:{HOME}:/bin/sh"
+    if wanted in lines:
+        return
+    others = [line for line in lines if line.split(":", 1)[0] != USER]
+    try:
+        passwd.write_text("\n".join([*others, wanted]) + "\n")
+    except OSError as e:
+        fail(
+            f"cannot give uid {uid} a passwd entry, which sshd requires ({e}): run the agent "
+            f"as uid 1000 (the image's default), or with gid 0 (runAsGroup: 0, the image's "
+            f"default) and a writable root filesystem (no readOnlyRootFilesystem)"
+        )
+
+
+def install_keys() -> None:
+    """Copy host key and authorized_keys out of the Secret mount into a 0700 directory."""
+    for name in ("host_key", "authorized_keys"):
+        if not (KEYS / name).is_file():
+            fail(f"{KEYS / name} is missing: mount the proxy's Secret at {KEYS}")
+    RUN.mkdir(mode=0o700, exist_ok=True)
+    RUN.chmod(0o700)
+    for name in ("host_key", "authorized_keys"):
+        data = (KEYS / name).read_bytes()
+        target = RUN / name
+        target.unlink(missing_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+
+def unescape_mount_path(path: str) -> str:
+    """/proc/self/mounts writes space, tab, newline and backslash as octal escapes."""
+    for escaped, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        path = path.replace(escaped, char)
+    return path
+
+
+def volume_mounts() -> list[str]:
+    paths: list[str] = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 2:
+            continue
+        path = unescape_mount_path(fields[1])
+        if path in EXCLUDED_MOUNTS or path in paths:
+            continue
+        if any(path == tree or path.startswith(tree + "/") for tree in EXCLUDED_TREES):
+            continue
+        paths.append(path)
+    return paths
+
+
+def write_podinfo(env: dict[str, str]) -> None:
+    try:
+        resolv_conf = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        resolv_conf = ""
+    info = {
+        "env": env,
+        "resolv_conf": resolv_conf,
+        "hostname": socket.gethostname(),
+        "mounts": volume_mounts(),
+    }
+    tmp = RUN / "podinfo.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    tmp.chmod(0o600)
+    tmp.replace(RUN / "podinfo.json")
+
+
+def main() -> None:
+    env = dict(os.environ)  # exactly as the container runtime gave it, before we touch anything
+    umask = os.umask(0o077)
+    ensure_passwd_entry()
+    HOME.mkdir(mode=0o700, exist_ok=True)
+    install_keys()
+    write_podinfo(env)
+    config = RUN / "sshd_config"
+    config.write_text(SSHD_CONFIG)
+    sys.stderr.write(f"tpconf-agent: uid {os.getuid()}, sshd on 127.0.0.1:{PORT}\n")
+    sys.stderr.flush()
+    os.umask(umask)
+    # sshd becomes PID 1: it handles SIGTERM and reaps children. -e: log to stderr.
+    os.execv(SSHD, [SSHD, "-D", "-e", "-f", str(config)])
+
+
+if __name__ == "__main__":
+    main()
