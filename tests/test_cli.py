@@ -117,13 +117,41 @@ def test_a_missing_file_exits_2(in_tmp: Path, capsys: pytest.CaptureFixture[str]
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", [["up"], ["down"], ["status"], ["plan"], ["env", "web"]])
-def test_commands_not_implemented_yet_exit_1(
-    command: list[str], capsys: pytest.CaptureFixture[str]
+def test_status_without_a_running_up_says_so_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run(capsys, *command)
+    (tmp_path / "telepresence.yaml").write_text("version: 1\ndeployments: {}\n")
+    code, out, _ = run(capsys, "status", "-f", str(tmp_path / "telepresence.yaml"))
+    assert (code, out) == (1, "tpconf up is not running here\n")
+
+
+def test_env_without_a_running_up_explains_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "telepresence.yaml").write_text("version: 1\ndeployments: {}\n")
+    code, _, err = run(capsys, "env", "web", "-f", str(tmp_path / "telepresence.yaml"))
     assert code == 1
-    assert err == f"`tpconf {command[0]}` is not implemented yet\n"
+    assert err.startswith("tpconf up is not running for this project\n  hint: start `tpconf up`")
+
+
+def test_plan_describes_every_deployment_without_touching_the_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "telepresence.yaml"
+    config.write_text(
+        "version: 1\nnamespace: dev\ndeployments:\n"
+        "  web:\n    new: true\n    expose: ['8080:80']\n    run: [python3, -m, http.server]\n"
+        "  api:\n    swap: api:main\n    method: vpn-tcp\n"
+    )
+    code, out, _ = run(capsys, "plan", "-f", str(config))
+    assert code == 0
+    assert "+ create Deployment dev/web running tpconf/agent:0.1.0" in out
+    assert "+ create Service dev/web on port(s) 80" in out
+    assert "+ expose: cluster port 80 -> localhost:8080" in out
+    assert "+ run: python3 -m http.server" in out
+    assert "~ swap Deployment dev/api (container main): scale to 0" in out
+    assert "+ vpn-tcp routes for the whole machine" in out
+    assert out.rstrip().endswith("14 unit(s) to start")
 
 
 def test_a_bad_command_line_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,20 +8,40 @@ a bug. ``--debug`` adds tracebacks. Colour is used only on a terminal (rich deci
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import anyio
 import click
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
-from tpconf import __version__
-from tpconf.config import ConfigWarning, Project, find_config_file, load_project
+from tpconf import __version__, cluster
+from tpconf.config import (
+    ConfigWarning,
+    DeploymentSpec,
+    ExistingOp,
+    NewOp,
+    Project,
+    SwapOp,
+    find_config_file,
+    load_project,
+)
 from tpconf.config.schema import DOCS_PATH, SCHEMA_PATH, docs_text, schema_text
-from tpconf.errors import ConfigError, NotImplementedYet, TpconfError
+from tpconf.errors import ConfigError, TpconfError
+from tpconf.reconcile import control, state
+from tpconf.reconcile.plan import Plan, facets_of
+from tpconf.reconcile.plan import plan as build_plan
+from tpconf.reconcile.session import Session
+from tpconf.reconcile.up import Reporter, run_up
+from tpconf.supervisor import ConsoleSink, to_dotenv, to_json
 
 #: Exit codes: 2 is also click's code for a bad command line.
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -37,8 +57,11 @@ class State:
 
 
 def _console(stderr: bool = True) -> Console:
-    # Created per call: click's test runner swaps sys.stdout/sys.stderr.
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    # Created per call: click's test runner swaps sys.stdout/sys.stderr. Off a terminal (logs,
+    # pipes) rich would assume 80 columns and fold the status table: give it room instead.
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def print_error(message: str) -> None:
@@ -124,44 +147,192 @@ def schema(check: bool) -> None:
         click.echo(f"wrote {path}")
 
 
-def _not_implemented(command: str) -> None:
-    raise NotImplementedYet(f"`tpconf {command}` is not implemented yet")
+class ConsoleReporter(Reporter):
+    """How `tpconf up` talks: plans and errors to stderr, the status table to stdout."""
+
+    def warnings(self, warnings: tuple[ConfigWarning, ...]) -> None:
+        for warning in warnings:
+            print_warning(warning)
+
+    def plan(self, plan: Plan) -> None:
+        for action in plan.actions:
+            _console().print(Text(str(action), style="dim"))
+
+    def status(self, snapshot: state.Snapshot) -> None:
+        _console(stderr=False).print(status_table(snapshot))
+
+    def config_error(self, error: ConfigError) -> None:
+        print_error(error.render() + "\n(the last good configuration keeps running)")
+
+    def message(self, text: str) -> None:
+        _console().print(Text(text, style="bold"))
+
+
+def status_table(snapshot: state.Snapshot) -> Table:
+    """The compact status: deployment, pod, method, exposes, process."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("DEPLOYMENT", "NAMESPACE", "POD", "METHOD", "EXPOSE", "TUNNEL", "PROCESS"):
+        table.add_column(column)
+    for row in snapshot.deployments:
+        process = Text(row.error, style="red") if row.error else Text(row.process)
+        table.add_row(
+            row.name,
+            row.namespace,
+            row.pod or "-",
+            row.method,
+            ", ".join(row.exposes) or "-",
+            row.tunnel or "-",
+            process,
+        )
+    return table
+
+
+def _session(path: Path) -> Session:
+    output = ConsoleSink()
+    return Session(project_dir=path.resolve().parent, output=output)
 
 
 @cli.command()
 @FILE_OPTION
-def up(file: Path | None) -> None:
-    """Start every deployment and follow changes to the file."""
-    _not_implemented("up")
-
-
-@cli.command()
-@FILE_OPTION
-def down(file: Path | None) -> None:
-    """Stop everything and restore swapped Deployments."""
-    _not_implemented("down")
-
-
-@cli.command()
-@FILE_OPTION
-def status(file: Path | None) -> None:
-    """Show what runs, for each deployment."""
-    _not_implemented("status")
+@click.option("--no-watch", is_flag=True, help="Do not follow edits of the file.")
+def up(file: Path | None, no_watch: bool) -> int:
+    """Start every deployment of the file and keep them in line with it until Ctrl-C."""
+    path = file if file is not None else find_config_file()
+    session = _session(path)
+    return anyio.run(
+        partial(run_up, path, session, ConsoleReporter(), watch=not no_watch), backend="asyncio"
+    )
 
 
 @cli.command()
 @FILE_OPTION
 def plan(file: Path | None) -> None:
-    """Show what `tpconf up` would start, stop or restart."""
-    _not_implemented("plan")
+    """Show what `tpconf up` would do, without doing it."""
+    _, project = load(file)
+    actions = build_plan({}, {d.name: facets_of(d) for d in project.deployments})
+    console = _console(stderr=False)
+    for spec in project.deployments:
+        console.print(Text(f"{spec.name}:", style="bold"))
+        for line in describe_deployment(spec):
+            console.print(f"  {line}")
+    console.print(Text(f"{len(actions.actions)} unit(s) to start", style="dim"))
+
+
+def describe_deployment(spec: DeploymentSpec) -> list[str]:
+    """What `up` does for one deployment, in words."""
+    ns = spec.namespace or "(current namespace)"
+    op = spec.operation
+    lines: list[str]
+    if isinstance(op, NewOp):
+        ports = ", ".join(str(m.remote) for m in spec.expose)
+        lines = [f"+ create Deployment {ns}/{spec.name} running {op.image or spec.agent_image}"]
+        if ports:
+            lines.append(f"+ create Service {ns}/{spec.name} on port(s) {ports}")
+    elif isinstance(op, SwapOp):
+        container = f" (container {op.container})" if op.container else ""
+        lines = [
+            (
+                f"~ swap Deployment {ns}/{op.deployment}{container}: scale to 0, "
+                "run a proxy with its labels, env and volumes; restored on exit"
+            )
+        ]
+    else:
+        assert isinstance(op, ExistingOp)
+        lines = [f"= use the proxy already running in Deployment {ns}/{op.deployment}"]
+    lines.append("+ tunnel: kubectl port-forward + SSH (pinned host key)")
+    if spec.method == "inject-tcp":
+        lines.append("+ SOCKS proxy and cluster DNS for the process (torsocks)")
+    else:
+        lines.append("+ vpn-tcp routes for the whole machine")
+    lines.extend(f"+ expose: cluster port {m.remote} -> localhost:{m.local}" for m in spec.expose)
+    if spec.env.export is not None:
+        lines.append(f"+ write the pod environment to {spec.env.export.file}")
+    if spec.shell:
+        lines.append("+ an interactive shell with the pod's environment")
+    elif spec.run is not None:
+        command = spec.run if isinstance(spec.run, str) else shlex.join(spec.run)
+        lines.append(f"+ run: {command}")
+    return lines
+
+
+@cli.command()
+@FILE_OPTION
+@click.option("--all", "everything", is_flag=True, help="Every tpconf object in the namespaces.")
+def down(file: Path | None, everything: bool) -> None:
+    """Restore swapped Deployments and delete what tpconf left in the cluster (even after a crash)."""
+    path = file if file is not None else find_config_file()
+    project = load_project(path)
+    session = _session(path)
+    snapshot = state.read(session.state_dir)
+    if snapshot is not None and snapshot.alive and snapshot.pid != os.getpid():
+        raise TpconfError(
+            f"tpconf up is still running here (pid {snapshot.pid})",
+            hint="stop it with Ctrl-C (it cleans up); `tpconf down` is for what a crash left",
+        )
+
+    async def run() -> list[str]:
+        lines: list[str] = []
+        targets = {(d.context, d.namespace) for d in project.deployments} or {(None, None)}
+        for context, namespace in sorted(targets, key=str):
+            client = await session.cluster(context, namespace)
+            report = await cluster.down(
+                client,
+                [namespace or client.namespace],
+                owner=session.owner,
+                project=session.project,
+                all=everything,
+                progress=lambda text: _console().print(Text(text, style="dim")),
+            )
+            lines.extend(report.lines())
+        return lines
+
+    for line in anyio.run(run, backend="asyncio"):
+        _console(stderr=False).print(line)
+    state.remove(session.state_dir)
+
+
+@cli.command()
+@FILE_OPTION
+def status(file: Path | None) -> int:
+    """Show what a running `tpconf up` is doing (or what a crashed one left behind)."""
+    path = file if file is not None else find_config_file()
+    snapshot = state.read(path.resolve().parent / ".tpconf")
+    console = _console(stderr=False)
+    if snapshot is None:
+        console.print("tpconf up is not running here")
+        return EXIT_FAILURE
+    if not snapshot.alive:
+        console.print(
+            Text(
+                f"tpconf up (pid {snapshot.pid}) ended without cleaning up; "
+                "run `tpconf down` to restore the cluster",
+                style="yellow",
+            )
+        )
+        console.print(status_table(snapshot))
+        return EXIT_FAILURE
+    console.print(f"tpconf up is running (pid {snapshot.pid}, session {snapshot.session})")
+    console.print(status_table(snapshot))
+    return EXIT_OK
 
 
 @cli.command()
 @FILE_OPTION
 @click.argument("name")
-def env(file: Path | None, name: str) -> None:
-    """Print the environment of deployment NAME."""
-    _not_implemented("env")
+@click.option(
+    "--format", "fmt", type=click.Choice(["dotenv", "json"]), default="dotenv", show_default=True
+)
+def env(file: Path | None, name: str, fmt: str) -> None:
+    """Print the environment deployment NAME's process gets from the pod (needs `tpconf up`)."""
+    path = file if file is not None else find_config_file()
+    reply = anyio.run(
+        partial(control.request, path.resolve().parent / ".tpconf", {"op": "env", "name": name}),
+        backend="asyncio",
+    )
+    values = reply["env"]
+    assert isinstance(values, dict)
+    mapping = {str(k): str(v) for k, v in values.items()}
+    click.echo(to_json(mapping) if fmt == "json" else to_dotenv(mapping), nl=False)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:

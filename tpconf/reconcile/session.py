@@ -1,0 +1,80 @@
+"""What one ``tpconf up`` shares between its deployments: identity, clusters, output, state file.
+
+A session has an id (labels every object it creates), an owner (``user@host``) and a project id
+(a hash of the project directory): together they tell ``tpconf down`` what it may clean up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from tpconf import cluster
+from tpconf.errors import TpconfError
+from tpconf.supervisor import OutputSink
+
+log = logging.getLogger(__name__)
+
+#: The user name the agent's sshd accepts (tpconf/agent/entrypoint.py).
+AGENT_USER = "tpconf"
+
+
+def find_kubectl() -> str:
+    """The kubectl that port-forwards: ``$TPCONF_KUBECTL``, else the first on ``PATH``."""
+    configured = os.environ.get("TPCONF_KUBECTL")
+    if configured:
+        return configured
+    found = shutil.which("kubectl")
+    if found is None:
+        raise TpconfError(
+            "kubectl is not installed or not on PATH",
+            hint="tpconf port-forwards to the proxy pod with kubectl; install it or set "
+            "TPCONF_KUBECTL to its path",
+        )
+    return found
+
+
+@dataclass
+class Session:
+    """Shared by every unit of one ``tpconf up`` (or ``plan``/``down``) run."""
+
+    project_dir: Path
+    output: OutputSink
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    owner: str = field(default_factory=cluster.default_owner)
+    kubeconfig: str | None = None
+    kubectl: str = field(default_factory=find_kubectl)
+    _clusters: dict[tuple[str | None, str | None], cluster.Cluster] = field(default_factory=dict)
+    _lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    @property
+    def project(self) -> str:
+        """The project id stored on everything this project creates."""
+        return cluster.project_id(self.project_dir)
+
+    @property
+    def state_dir(self) -> Path:
+        """Where tpconf keeps per-project files (volume roots default here too)."""
+        return self.project_dir / ".tpconf"
+
+    async def cluster(self, context: str | None, namespace: str | None) -> cluster.Cluster:
+        """The API client for a context and namespace (``None``: the kubeconfig's current)."""
+        key = (context, namespace)
+        async with self._lock:
+            if key not in self._clusters:
+                self._clusters[key] = await anyio.to_thread.run_sync(
+                    lambda: cluster.connect(
+                        kubeconfig=self.kubeconfig, context=context, namespace=namespace
+                    )
+                )
+            return self._clusters[key]
+
+    def notice(self, name: str, text: str) -> None:
+        """A progress line for one deployment, in the compose-style output."""
+        self.output.notice(name, text)

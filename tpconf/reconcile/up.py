@@ -1,0 +1,171 @@
+"""``tpconf up``: start everything the file declares, follow its edits, tear down on a signal.
+
+The session's root task group holds every unit. The first SIGINT/SIGTERM stops the deployments
+in order (processes, forwards, tunnels, then the proxies: swaps are restored) within
+``shutdown_timeout``; a second one cancels at once (cleanup still runs shielded, briefly).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import anyio
+
+from tpconf.config import ConfigWarning, Project, load_project
+from tpconf.errors import ConfigError, TpconfError
+from tpconf.reconcile import control, state
+from tpconf.reconcile.loop import Reconciler
+from tpconf.reconcile.plan import Plan
+from tpconf.reconcile.session import Session
+from tpconf.reconcile.watch import config_changes
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """What ``up`` tells the user; the CLI implements it (the reconcile layer renders nothing)."""
+
+    def warnings(self, warnings: tuple[ConfigWarning, ...]) -> None: ...
+    def plan(self, plan: Plan) -> None: ...
+    def status(self, snapshot: state.Snapshot) -> None: ...
+    def config_error(self, error: ConfigError) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+def snapshot(
+    reconciler: Reconciler, session: Session, config: Path, started: float
+) -> state.Snapshot:
+    rows = []
+    project = reconciler.project
+    for spec in project.deployments if project else ():
+        dep = reconciler.deployments.get(spec.name)
+        rt = dep.runtime if dep else None
+        failed = [r.failed for r in dep.units.values() if r.failed] if dep else []
+        rows.append(
+            state.DeploymentRow(
+                name=spec.name,
+                namespace=(rt.request.namespace if rt and rt.request else spec.namespace or ""),
+                method=spec.method,
+                operation=type(spec.operation).__name__.removesuffix("Op").lower(),
+                pod=rt.pod.pod if rt and rt.pod else "",
+                tunnel=rt.tunnel_state if rt else "",
+                exposes=tuple(f"{m.local}:{m.remote}" for m in spec.expose),
+                socks_port=rt.socks_port if rt else None,
+                process=rt.process_state if rt else "",
+                error=(dep.error if dep else "not started") or (failed[0] if failed else None),
+            )
+        )
+    return state.Snapshot(
+        pid=os.getpid(),
+        session=session.session_id,
+        config=str(config),
+        started=started,
+        deployments=tuple(rows),
+    )
+
+
+async def run_up(
+    config: Path,
+    session: Session,
+    reporter: Reporter,
+    *,
+    watch: bool = True,
+    shutdown_timeout: float = 90.0,
+    ready: Callable[[], None] | None = None,
+) -> int:
+    """Run until a signal (or, with ``watch=False``, until every process exited). Exit code."""
+    project = load_project(config)  # a broken file at start: nothing to keep, the CLI reports
+    reporter.warnings(project.warnings)
+    started = time.time()
+    code = 0
+
+    async with anyio.create_task_group() as root:
+        stop = anyio.Event()
+
+        def changed() -> None:
+            snap = snapshot(reconciler, session, config, started)
+            try:
+                state.write(session.state_dir, snap)
+            except OSError as exc:
+                log.debug("cannot write state file: %s", exc)
+
+        reconciler = Reconciler(root, session, on_change=changed)
+        root.start_soon(_signals, stop, root.cancel_scope)
+        await root.start(control.serve, session.state_dir, partial(_control, reconciler))
+
+        async def work() -> None:
+            the_plan = await reconciler.apply(project)
+            reporter.plan(the_plan)
+            reporter.status(snapshot(reconciler, session, config, started))
+            if not reconciler.running and project.deployments:
+                reporter.message("nothing could start; fix the errors above (the file is watched)")
+            if ready is not None:
+                ready()
+            if watch:
+                await _follow(config, reconciler, reporter, session, started, stop)
+
+        async with anyio.create_task_group() as working:
+            working.start_soon(work)
+            await stop.wait()
+            # A signal during start-up cancels the pods being waited for; their units undo
+            # what they did (shielded), then everything left is stopped in order.
+            working.cancel_scope.cancel()
+        reporter.message("stopping (Ctrl-C again to force)")
+        with anyio.move_on_after(shutdown_timeout) as scope:
+            await reconciler.stop_all()
+        if scope.cancelled_caught:
+            reporter.message("shutdown timed out; run `tpconf down` to finish cleaning up")
+            code = 1
+        await anyio.to_thread.run_sync(state.remove, session.state_dir)
+        root.cancel_scope.cancel()
+    return code
+
+
+async def _follow(
+    config: Path,
+    reconciler: Reconciler,
+    reporter: Reporter,
+    session: Session,
+    started: float,
+    stop: anyio.Event,
+) -> None:
+    async for _ in config_changes(config, stop=stop):
+        try:
+            project: Project = await anyio.to_thread.run_sync(load_project, config)
+        except ConfigError as exc:
+            reporter.config_error(exc)  # the last good state keeps running
+            continue
+        except TpconfError as exc:
+            reporter.message(exc.render())
+            continue
+        reporter.warnings(project.warnings)
+        the_plan = await reconciler.apply(project)
+        if the_plan:
+            reporter.plan(the_plan)
+            reporter.status(snapshot(reconciler, session, config, started))
+
+
+def _control(reconciler: Reconciler, req: dict[str, object]) -> dict[str, object]:
+    if req.get("op") == "env":
+        name = str(req.get("name"))
+        dep = reconciler.deployments.get(name)
+        if dep is None or dep.runtime.pod_info is None:
+            known = ", ".join(reconciler.deployments) or "none"
+            raise TpconfError(f"deployment {name} is not running (running: {known})")
+        return {"env": dep.runtime.pod_env()}
+    raise TpconfError(f"unknown request {req.get('op')!r}")
+
+
+async def _signals(stop: anyio.Event, root: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if stop.is_set():
+                root.cancel()  # second signal: force; units still clean up, shielded
+                return
+            stop.set()
