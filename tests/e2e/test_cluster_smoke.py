@@ -96,6 +96,9 @@ def test_port_forward_and_logs(cluster: Cluster, helloworld: str) -> None:
 def test_python_client_lists_pods(cluster: Cluster, helloworld: str) -> None:
     from kubernetes import client, config  # only tpconf.cluster imports kubernetes in the package
 
-    api = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
-    pods = api.list_namespaced_pod(helloworld, label_selector="app=helloworld")
-    assert [p.metadata.name.startswith("helloworld-") for p in pods.items] == [True]
+    api_client = config.new_client_from_config(str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
+    pods = client.CoreV1Api(api_client).list_namespaced_pod(
+        helloworld, label_selector="app=helloworld"
+    )
+    names = [str(p.metadata.name) for p in pods.items if p.metadata is not None]
+    assert [name.startswith("helloworld-") for name in names] == [True]

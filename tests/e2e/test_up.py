@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -171,7 +172,8 @@ deployments:
     try:
         up.wait_for(r"quickstart ready")
         for page in ("short.html", "ns.html", "fqdn.html"):
-            wait_until(lambda p=page: "Welcome to nginx!" in file_text(tmp_path / p), 60, page)
+            path = tmp_path / page
+            wait_until(partial(lambda p: "Welcome to nginx!" in file_text(p), path), 60, page)
         env = file_text(tmp_path / "env.txt")
         assert re.search(r"^KUBERNETES_SERVICE_HOST=\d", env, re.MULTILINE), env
         assert re.search(r"^HELLOWORLD_SERVICE_HOST=\d", env, re.MULTILINE), env
