@@ -100,9 +100,11 @@ class Up:
         self.process.wait()
 
 
-def tpconf(cluster: Cluster, project: Path, *args: str, timeout: float = 120) -> str:
-    """Run one tpconf command in ``project``; return its stdout (fails on a non-zero exit)."""
-    proc = subprocess.run(
+def run_tpconf(
+    cluster: Cluster, project: Path, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run one tpconf command in ``project``, whatever its exit code."""
+    return subprocess.run(
         [*TPCONF, *args],
         cwd=project,
         env=tpconf_env(cluster),
@@ -111,6 +113,11 @@ def tpconf(cluster: Cluster, project: Path, *args: str, timeout: float = 120) ->
         timeout=timeout,
         check=False,
     )
+
+
+def tpconf(cluster: Cluster, project: Path, *args: str, timeout: float = 120) -> str:
+    """Run one tpconf command in ``project``; return its stdout (fails on a non-zero exit)."""
+    proc = run_tpconf(cluster, project, *args, timeout=timeout)
     assert proc.returncode == 0, f"tpconf {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 

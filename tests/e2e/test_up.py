@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cluster
-from tests.e2e.harness import Up, tpconf, wait_until, write_config
+from tests.e2e.harness import Up, run_tpconf, tpconf, wait_until, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -338,3 +338,42 @@ deployments:
     finally:
         assert up.stop() == 0, up.output[-3000:]
     assert replicas(cluster, ns, "web") == "3"
+
+
+def test_down_after_kill_9_restores_the_swap_and_removes_the_proxy(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    ns = namespace
+    swappable(cluster, ns, name="web", replicas=2)
+    write_config(
+        tmp_path,
+        f"""\
+version: 1
+namespace: {ns}
+deployments:
+  web:
+    swap: true
+  extra:
+    new: true
+    expose: [8080]
+""",
+    )
+    up = Up(cluster, tmp_path).start()
+    up.wait_for(r"^web ready")
+    up.wait_for(r"^extra ready")
+    assert replicas(cluster, ns, "web") == "0"
+    up.kill()  # SIGKILL: nothing of tpconf's own cleanup runs
+
+    status = run_tpconf(cluster, tmp_path, "status")
+    assert status.returncode == 1
+    assert "ended without cleaning up" in status.stdout and "tpconf down" in status.stdout
+    out = tpconf(cluster, tmp_path, "down")
+    assert "restored" in out and "deleted" in out, out
+    assert replicas(cluster, ns, "web") == "2"
+    left = cluster.kubectl(
+        "-n", ns, "get", "deployments,services,secrets", "-l", "app.kubernetes.io/managed-by=tpconf",
+        "-o", "name",
+    ).stdout  # fmt: skip
+    assert left == ""
+    # Idempotent: a second run finds nothing.
+    assert "nothing to clean up" in tpconf(cluster, tmp_path, "down")
