@@ -1,0 +1,241 @@
+"""vpn-tcp: tpconf's transparent TCP proxy, shared by every vpn-tcp deployment of a session.
+
+The kernel redirects TCP for the routed ranges (see :mod:`tpconf.methods.routing`) to a
+listener on ``127.0.0.1:PORT``. For each connection, :class:`TransparentProxy` reads where the
+program meant to go (``SO_ORIGINAL_DST``), picks the dialer of the deployment that routes that
+address (longest-prefix match), dials it (an SSH ``direct-tcpip`` channel from the proxy pod in
+production) and relays bytes both ways, half-close included.
+
+:class:`VPN` is the unit the reconciler runs: ``port = await tg.start(vpn.run)``, then
+:meth:`VPN.set_routes` / :meth:`VPN.remove_routes` per deployment and :meth:`VPN.redirect_dns`
+once the local DNS server listens. On exit it removes its rules; `tpconf down` after a crash
+calls :func:`~tpconf.methods.routing.remove_leftovers`.
+
+IPv4 only: ``SO_ORIGINAL_DST`` is read for IPv4 and only IPv4 rules are written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Address, IPv4Network
+
+import anyio
+from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskStatus
+
+from tpconf.errors import TpconfError
+from tpconf.methods.routing import (
+    DNS_UPSTREAM_MARK,
+    DnsRedirect,
+    RouteTable,
+    Routing,
+    RuleSet,
+    check_privileges,
+    read_nameservers,
+)
+from tpconf.net import Dialer
+
+__all__ = ["DNS_UPSTREAM_MARK", "VPN", "TransparentProxy", "original_destination", "relay"]
+
+log = logging.getLogger(__name__)
+
+#: ``SO_ORIGINAL_DST`` from ``<linux/netfilter_ipv4.h>`` (not exported by :mod:`socket`).
+SO_ORIGINAL_DST = 80
+
+#: Bytes read per receive while relaying. Large reads keep the per-chunk overhead (one SSH
+#: packet, one event-loop wakeup) small for bulk transfers.
+RELAY_BUFFER = 256 * 1024
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """The address a redirected IPv4 connection was meant for, from conntrack."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return socket.inet_ntoa(raw[4:8]), port
+
+
+async def relay(a: ByteStream, b: ByteStream, *, buffer_size: int = RELAY_BUFFER) -> None:
+    """Copy bytes both ways until both sides are done; an EOF is passed on as an EOF.
+
+    A reset or an error on either side ends both directions.
+    """
+
+    async def pump(src: ByteStream, dst: ByteStream) -> None:
+        try:
+            while True:
+                try:
+                    data = await src.receive(buffer_size)
+                except anyio.EndOfStream:
+                    await dst.send_eof()
+                    return
+                await dst.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pump, a, b)
+        tg.start_soon(pump, b, a)
+
+
+def _reset(stream: SocketStream) -> None:
+    """Make the coming close send a RST: the program sees "connection reset", like a refusal."""
+    sock = stream.extra(SocketAttribute.raw_socket)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class TransparentProxy:
+    """The loopback listener the nat rules redirect to; dials through ``routes``."""
+
+    def __init__(
+        self,
+        routes: RouteTable[Dialer],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        dial_timeout: float = 10.0,
+    ) -> None:
+        self.routes = routes
+        self.host = host
+        self.port = port
+        self.dial_timeout = dial_timeout
+
+    async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled; ``task_status.started(port)`` once bound."""
+        listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port)
+        async with listener:
+            self.port = listener.extra(SocketAttribute.local_port)
+            log.info("vpn-tcp proxy listening on %s:%d", self.host, self.port)
+            async with anyio.create_task_group() as tg:
+                task_status.started(self.port)
+                await listener.serve(self._handle, tg)
+
+    async def _handle(self, client: SocketStream) -> None:
+        async with client:
+            try:
+                await self._proxy(client)
+            except Exception:  # one connection's failure must not stop the VPN
+                log.exception(
+                    "vpn-tcp: unexpected error; this is a bug in tpconf, please report it"
+                )
+
+    async def _proxy(self, client: SocketStream) -> None:
+        try:
+            host, port = original_destination(client.extra(SocketAttribute.raw_socket))
+        except OSError as exc:
+            log.warning("vpn-tcp: connection without an original destination: %s", exc)
+            return
+        found = self.routes.lookup(host)
+        if found is None:
+            log.debug("vpn-tcp: %s:%d is not routed; reset", host, port)
+            _reset(client)
+            return
+        owner, dialer = found
+        try:
+            with anyio.fail_after(self.dial_timeout):
+                upstream = await dialer.dial(host, port)
+        except (OSError, TpconfError) as exc:  # TimeoutError is an OSError
+            log.info("vpn-tcp: %s:%d via %s failed: %s", host, port, owner, exc)
+            _reset(client)
+            return
+        log.debug("vpn-tcp: %s:%d via %s", host, port, owner)
+        async with upstream:
+            await relay(client, upstream)
+
+
+class VPN:
+    """The session's one vpn-tcp proxy, its routes, its nat rules and its DNS redirect.
+
+    ``command_prefix`` runs iptables elsewhere (a network namespace in tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int = 0,
+        mark: int = DNS_UPSTREAM_MARK,
+        dial_timeout: float = 10.0,
+        cleanup_timeout: float = 5.0,
+        chain_prefix: str = "TPCONF",
+        command_prefix: Sequence[str] = (),
+    ) -> None:
+        self.routes: RouteTable[Dialer] = RouteTable()
+        self.proxy = TransparentProxy(self.routes, port=port, dial_timeout=dial_timeout)
+        self.routing = Routing(chain_prefix=chain_prefix, command_prefix=command_prefix)
+        self.mark = mark
+        self.cleanup_timeout = cleanup_timeout
+        self._exclude: dict[str, frozenset[IPv4Network]] = {}
+        self._dns: DnsRedirect | None = None
+        self._running = False
+
+    async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled, then remove the rules; ``started(port)`` once rules are in."""
+        check_privileges()
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(self.proxy.serve)
+            try:
+                self._running = True
+                await self._sync()
+                task_status.started(port)
+                await anyio.sleep_forever()
+            finally:
+                self._running = False
+                tg.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.cleanup_timeout):
+                    await self.routing.cleanup()
+
+    async def set_routes(
+        self,
+        owner: str,
+        networks: Iterable[IPv4Network],
+        dialer: Dialer,
+        *,
+        exclude: Iterable[IPv4Network | IPv4Address] = (),
+    ) -> None:
+        """Route ``networks`` through ``dialer`` for deployment ``owner`` (replaces its old set).
+
+        ``exclude``: addresses never to redirect, above all the API server the deployment's
+        port-forward goes to (a routed range must not capture the tunnel itself).
+        """
+        self.routes.set(owner, networks, dialer)
+        self._exclude[owner] = frozenset(IPv4Network(x) for x in exclude)
+        await self._sync()
+
+    async def remove_routes(self, owner: str) -> None:
+        """Stop routing ``owner``'s ranges; ranges another deployment routes stay."""
+        self.routes.remove(owner)
+        self._exclude.pop(owner, None)
+        await self._sync()
+
+    async def redirect_dns(
+        self, port: int | None, nameservers: Sequence[IPv4Address] | None = None
+    ) -> None:
+        """Send DNS for ``nameservers`` (default: /etc/resolv.conf's) to ``127.0.0.1:port``.
+
+        ``port=None`` undoes it. The DNS server must set ``SO_MARK`` = :attr:`mark` on the
+        socket it forwards other names upstream with.
+        """
+        if port is None:
+            self._dns = None
+        else:
+            servers = read_nameservers() if nameservers is None else nameservers
+            self._dns = DnsRedirect(tuple(servers), port)
+        await self._sync()
+
+    def rule_set(self) -> RuleSet:
+        """The rules the current routes, exclusions and DNS redirect call for."""
+        exclude: frozenset[IPv4Network] = frozenset().union(*self._exclude.values())
+        return RuleSet(
+            proxy_port=self.proxy.port,
+            networks=self.routes.networks(),
+            exclude=exclude,
+            dns=self._dns,
+            mark=self.mark,
+        )
+
+    async def _sync(self) -> None:
+        if self._running:
+            await self.routing.apply(self.rule_set())
