@@ -1,1 +1,35 @@
-"""tpconf.volumes."""
+"""tpconf.volumes: the pod's filesystem on this machine, through sshfs over the tunnel's SFTP.
+
+:mod:`tpconf.volumes.sshfs` mounts and keeps mounts alive; :mod:`tpconf.volumes.paths` computes
+``TELEPRESENCE_ROOT``/``TELEPRESENCE_MOUNTS`` and the proot real-path wrapper.
+"""
+
+from __future__ import annotations
+
+from tpconf.volumes.paths import local_path, real_path_wrapper, telepresence_env
+from tpconf.volumes.sshfs import (
+    Mount,
+    MountError,
+    SftpOpener,
+    check_fuse,
+    command_stream,
+    is_mounted,
+    remove_leftover_mounts,
+    run_mount,
+    unmount,
+)
+
+__all__ = [
+    "Mount",
+    "MountError",
+    "SftpOpener",
+    "check_fuse",
+    "command_stream",
+    "is_mounted",
+    "local_path",
+    "real_path_wrapper",
+    "remove_leftover_mounts",
+    "run_mount",
+    "telepresence_env",
+    "unmount",
+]

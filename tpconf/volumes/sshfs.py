@@ -1,0 +1,318 @@
+"""sshfs mounts of the proxy pod's filesystem, over an SFTP byte stream; kept mounted.
+
+sshfs runs in *passive* mode (``-o passive``): it speaks SFTP on its stdin and stdout (pipes;
+anyio's raw UNIX-socket stream raced on cancellation here, pipes use asyncio transports), and
+tpconf pumps them to and from an SFTP stream (in
+production an SSH ``sftp`` subsystem channel on the deployment's existing SSH connection; for a
+plain ``ssh`` or a local server, :func:`command_stream`). No second SSH login, no key on disk.
+
+:func:`run_mount` is one reconciler unit per mount (the root, and each mapping): it mounts,
+reports ``started`` once the kernel shows the mount, notices a dropped mount (sshfs exits when
+the stream ends; a stale ``ENOTCONN`` mount left by a killed sshfs is cleared) and mounts again
+with a fresh stream. On the way out it unmounts, checks ``/proc/self/mountinfo`` that the mount
+is gone and only then removes the folder, with ``rmdir``: never a recursive delete.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from anyio.abc import ByteStream, Process, TaskStatus
+from anyio.streams.stapled import StapledByteStream
+
+from tpconf.errors import PrivilegeError, TpconfError
+
+log = logging.getLogger(__name__)
+
+#: Opens a new SFTP byte stream (an SSH "sftp" subsystem channel in production).
+SftpOpener = Callable[[], Awaitable[ByteStream]]
+
+#: The "host" in sshfs's source, ``tpconf:/remote/path``: shows in ``mount`` and marks a mount
+#: as tpconf's for :func:`remove_leftover_mounts`.
+SOURCE_HOST = "tpconf"
+
+PUMP_BUFFER = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One sshfs mount: ``remote_path`` in the pod, shown at ``local_path``."""
+
+    remote_path: str
+    local_path: Path
+    read_only: bool = False
+
+
+class MountError(TpconfError):
+    """Raised when sshfs cannot mount, or a mount cannot be removed."""
+
+
+def check_fuse(*, sshfs: str = "sshfs", device: str = "/dev/fuse") -> None:
+    """Raise :class:`PrivilegeError` unless FUSE and sshfs are usable here."""
+    if shutil.which(sshfs) is None:
+        raise PrivilegeError(
+            "volumes need sshfs, which is not installed",
+            hint="install it (Debian: `apt install sshfs`), or turn volumes off for the"
+            " deployment; see docs/volumes.md",
+        )
+    if not os.path.exists(device):
+        raise PrivilegeError(
+            f"volumes need FUSE: {device} does not exist",
+            hint="load the module (`sudo modprobe fuse`); in a container, pass --device"
+            " /dev/fuse; or turn volumes off for the deployment; see docs/volumes.md",
+        )
+    if not os.access(device, os.R_OK | os.W_OK):
+        raise PrivilegeError(
+            f"volumes need FUSE: {device} is not readable and writable by this user",
+            hint="check its permissions (normally 0666), or turn volumes off for the deployment",
+        )
+
+
+def _unescape(field: str) -> str:
+    """Undo mountinfo's octal escapes (space, tab, newline, backslash are written as \\ooo)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts() -> list[tuple[Path, str, str]]:
+    """(mount point, file system type, source) of every mount this process sees."""
+    result = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) >= 5 and len(tail) >= 2:
+            result.append((Path(_unescape(fields[4])), tail[0], _unescape(tail[1])))
+    return result
+
+
+def is_mounted(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a mount point now (by ``/proc/self/mountinfo``, never ``stat``)."""
+    target = Path(os.path.abspath(path))
+    return any(point == target for point, _, _ in mounts())
+
+
+def is_stale(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a FUSE mount whose process is gone (``ENOTCONN``)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+async def unmount(path: str | os.PathLike[str], *, attempts: int = 5, delay: float = 0.2) -> None:
+    """Unmount ``path`` and confirm it; a busy mount is retried, then detached (lazy)."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    base = [tool, "-u"] if tool else ["umount"]
+    lazy = [tool, "-u", "-z"] if tool else ["umount", "-l"]
+    last = ""
+    for attempt in range(attempts + 1):
+        if not is_mounted(path):
+            return
+        argv = lazy if attempt == attempts else base
+        result = await anyio.run_process([*argv, str(path)], check=False)
+        last = result.stderr.decode(errors="replace").strip()
+        if result.returncode != 0 and attempt < attempts:
+            log.debug("unmount %s: %s; retrying", path, last)
+            await anyio.sleep(delay)
+    if is_mounted(path):
+        raise MountError(f"cannot unmount {path}: {last}", hint=f"run `fusermount3 -u {path}`")
+    log.warning("%s was busy and has been detached (lazy unmount)", path)
+
+
+async def remove_leftover_mounts() -> list[Path]:
+    """Unmount every sshfs mount tpconf made (after a crash, for `tpconf down`)."""
+    found = [
+        point
+        for point, fstype, source in mounts()
+        if fstype == "fuse.sshfs" and source.startswith(SOURCE_HOST + ":")
+    ]
+    for point in found:
+        await unmount(point)
+    return found
+
+
+class _ProcessStream(ByteStream):
+    """A child's stdout/stdin as one byte stream; closing it ends the child."""
+
+    def __init__(self, process: Process) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        self.process = process
+        self._stream = StapledByteStream(process.stdin, process.stdout)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self._stream.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self._stream.send(item)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._stream.aclose()
+            with anyio.move_on_after(2):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+            await self.process.aclose()
+
+
+async def command_stream(argv: Sequence[str]) -> _ProcessStream:
+    """An SFTP stream from a child speaking SFTP on stdio (``ssh -s HOST sftp``, sftp-server)."""
+    process = await anyio.open_process(list(argv), stderr=None)
+    return _ProcessStream(process)
+
+
+async def _pump(a: ByteStream, b: ByteStream) -> None:
+    async def one_way(src: ByteStream, dst: ByteStream) -> None:
+        try:
+            while True:
+                try:
+                    data = await src.receive(PUMP_BUFFER)
+                except anyio.EndOfStream:
+                    await dst.send_eof()
+                    return
+                await dst.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one_way, a, b)
+        tg.start_soon(one_way, b, a)
+
+
+def sshfs_argv(mount: Mount, *, sshfs: str = "sshfs") -> list[str]:
+    """The sshfs command line for ``mount`` in passive mode (SFTP on stdin/stdout)."""
+    options = ["passive", "idmap=none"]
+    if mount.read_only:
+        options.append("ro")
+    source = f"{SOURCE_HOST}:{mount.remote_path}"
+    return [sshfs, source, str(mount.local_path), "-f", "-o", ",".join(options)]
+
+
+async def _mount_once(
+    mount: Mount,
+    open_sftp: SftpOpener,
+    *,
+    sshfs: str,
+    ready_timeout: float,
+    on_ready: Callable[[], None],
+) -> None:
+    """Mount with a fresh stream; return when a mount drops, raise if it never came up."""
+    stream = await open_sftp()
+    try:
+        process = await anyio.open_process(sshfs_argv(mount, sshfs=sshfs))
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    assert process.stdin is not None and process.stdout is not None
+    local = StapledByteStream(process.stdin, process.stdout)
+    errors: list[bytes] = []
+
+    async def collect_stderr() -> None:
+        assert process.stderr is not None
+        errors.extend([chunk async for chunk in process.stderr])
+
+    mounted = False
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_pump, stream, local)
+            tg.start_soon(collect_stderr)
+            with anyio.move_on_after(ready_timeout):
+                # the kernel's mount table has no event to wait on: poll it
+                while process.returncode is None and not is_mounted(mount.local_path):  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            if process.returncode is None and is_mounted(mount.local_path):
+                mounted = True
+                on_ready()
+                await process.wait()
+                log.warning("volume %s dropped (sshfs exited)", mount.local_path)
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            if process.returncode is None:
+                # Unmounting makes sshfs exit by itself; a signal would leave a stale mount.
+                with anyio.move_on_after(5):
+                    await unmount(mount.local_path)
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            await process.aclose()
+            await local.aclose()
+            await stream.aclose()
+    if not mounted:
+        message = b"".join(errors).decode(errors="replace").strip()
+        raise MountError(
+            f"sshfs could not mount {mount.remote_path} at {mount.local_path}: "
+            + (message or f"not mounted after {ready_timeout} s")
+        )
+
+
+async def run_mount(
+    mount: Mount,
+    open_sftp: SftpOpener,
+    *,
+    sshfs: str = "sshfs",
+    ready_timeout: float = 10.0,
+    retry_delay: float = 1.0,
+    task_status: TaskStatus[Path] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep ``mount`` mounted until cancelled; ``started(local_path)`` once it first shows.
+
+    A failure before the first mount is raised (so ``tg.start`` reports it); later drops are
+    logged and mounted again after ``retry_delay``. Unmounts and removes the folder (if this
+    call created it) on the way out.
+    """
+    check_fuse(sshfs=sshfs)
+    local = await anyio.to_thread.run_sync(Path(mount.local_path).absolute)
+    mount = Mount(mount.remote_path, local, mount.read_only)
+    # File system calls go to threads: a path under another mount of this process would be
+    # served by this very event loop.
+    if is_mounted(local) or await anyio.to_thread.run_sync(is_stale, local):
+        log.warning("%s is still mounted (a previous session?); unmounting it", local)
+        await unmount(local)
+    created = not await anyio.to_thread.run_sync(local.exists)
+    await anyio.to_thread.run_sync(lambda: local.mkdir(parents=True, exist_ok=True))
+    started = False
+
+    def ready() -> None:
+        nonlocal started
+        if not started:
+            started = True
+            task_status.started(local)
+        else:
+            log.info("volume %s mounted again", local)
+
+    try:
+        while True:
+            try:
+                await _mount_once(
+                    mount, open_sftp, sshfs=sshfs, ready_timeout=ready_timeout, on_ready=ready
+                )
+            except (OSError, TpconfError) as exc:
+                if not started:
+                    raise
+                log.warning("volume %s: cannot mount again yet: %s", local, exc)
+            if is_mounted(local) or await anyio.to_thread.run_sync(is_stale, local):
+                await unmount(local)
+            await anyio.sleep(retry_delay)
+    finally:
+        with anyio.CancelScope(shield=True):
+            if is_mounted(local):
+                await unmount(local)
+            if created and not is_mounted(local):
+                try:
+                    await anyio.to_thread.run_sync(local.rmdir)
+                except OSError as exc:
+                    log.warning("cannot remove %s: %s", local, exc)
