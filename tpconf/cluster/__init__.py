@@ -1,1 +1,66 @@
-"""tpconf.cluster."""
+"""tpconf.cluster: the Kubernetes side of a proxy (the only package that imports ``kubernetes``).
+
+Public API for the reconciler::
+
+    cluster = connect(kubeconfig=None, context=None, namespace=None)
+    await preflight(cluster, namespace, operations=(New, Swap, Existing))
+    proxy = await start(cluster, ProxyRequest(...), progress=print)   # new | swap | existing
+    pod = await wait_for_pod(cluster, proxy, timeout=120, progress=print)
+    ...                                                               # tunnel to pod.pod:8022
+    await stop(cluster, request)                                      # undo one request
+    report = await down(cluster, [namespace], owner=..., project=..., all=False)
+
+Modules: ``client`` (connection, threads, timeouts), ``errors`` (ApiException -> tpconf.errors),
+``labels`` (labels/annotations), ``manifests`` (pure builders), ``operations``, ``pods`` (waiting).
+"""
+
+from tpconf.cluster.client import Cluster, connect, from_token
+from tpconf.cluster.labels import default_owner, project_id
+from tpconf.cluster.model import (
+    AgentKeys,
+    DownReport,
+    Existing,
+    New,
+    Operation,
+    PodRef,
+    Proxy,
+    ProxyRequest,
+    Swap,
+)
+from tpconf.cluster.operations import (
+    down,
+    existing,
+    new,
+    preflight,
+    restore,
+    start,
+    stop,
+    swap,
+)
+from tpconf.cluster.pods import wait_for_pod
+
+__all__ = [
+    "AgentKeys",
+    "Cluster",
+    "DownReport",
+    "Existing",
+    "New",
+    "Operation",
+    "PodRef",
+    "Proxy",
+    "ProxyRequest",
+    "Swap",
+    "connect",
+    "default_owner",
+    "down",
+    "existing",
+    "from_token",
+    "new",
+    "preflight",
+    "project_id",
+    "restore",
+    "start",
+    "stop",
+    "swap",
+    "wait_for_pod",
+]

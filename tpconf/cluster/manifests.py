@@ -1,0 +1,403 @@
+"""Pure builders of the objects tpconf sends to the cluster, as JSON dicts (no I/O).
+
+- ``new``: Deployment ``NAME`` (1 replica, ``Recreate``) running the agent, a ClusterIP Service
+  ``NAME`` for the exposed remote ports, both selecting ``tpconf.io/proxy=NAME`` only.
+- ``swap``: Deployment ``<original>-tpconf`` whose pod template is the original's with the chosen
+  container turned into the agent (image, command; probes, lifecycle and workingDir removed; env,
+  envFrom, volumeMounts, ports and resources kept; securityContext made restricted-compatible).
+- keys: Secret ``<proxy>-tpconf-keys`` (``host_key``, ``authorized_keys``) mounted read-only at
+  :data:`KEYS_MOUNT`.
+
+Pod Security: the agent container is always ``restricted``-compliant (non-root, no privilege
+escalation, capabilities dropped, RuntimeDefault seccomp). Exposed remote ports below 1024 use
+the pod sysctl ``net.ipv4.ip_unprivileged_port_start`` (a "safe" sysctl, allowed by the
+``restricted`` profile and by the kubelet by default), lowered to the smallest such port: no
+capability, no root, and only inside the pod's network namespace.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tpconf import errors
+from tpconf.cluster import labels as L
+from tpconf.cluster.model import AgentKeys, ProxyRequest
+
+JSON = dict[str, Any]
+
+AGENT_CONTAINER = "tpconf-agent"
+KEYS_VOLUME = "tpconf-keys"
+KEYS_MOUNT = "/etc/tpconf/keys"
+HOST_KEY_FILE = "host_key"
+AUTHORIZED_KEYS_FILE = "authorized_keys"
+#: Mode of the key files. Secret files are owned by root (group: root, or the pod's fsGroup);
+#: the agent runs as a non-root uid with gid 0 (the image's ``USER 1000:0``, OpenShift's rule),
+#: so group read is what lets it copy them into its private 0700 directory (docs/agent.md).
+#: 0400 would need an ``fsGroup``, which OpenShift's SCCs restrict and which, in a swapped pod,
+#: would re-own the workload's own volumes. No other container mounts the Secret.
+KEYS_MODE = 0o440
+#: The agent image's user and group (docs/agent.md); used when a pod would run the agent as root.
+AGENT_UID = 1000
+AGENT_GID = 0
+#: The first port a non-root user may bind is lowered to this sysctl's value for low ports.
+UNPRIVILEGED_PORT_SYSCTL = "net.ipv4.ip_unprivileged_port_start"
+SWAP_SUFFIX = "-tpconf"
+KEYS_SUFFIX = "-tpconf-keys"
+RESOURCES: JSON = {
+    "requests": {"cpu": "25m", "memory": "64Mi"},
+    "limits": {"cpu": "1", "memory": "256Mi"},
+}
+#: Container fields of the replaced container that would break the agent.
+REMOVED_FIELDS = (
+    "command",
+    "args",
+    "livenessProbe",
+    "readinessProbe",
+    "startupProbe",
+    "lifecycle",
+    "workingDir",
+)
+AGENT_REPOSITORY = "tpconf/agent"
+#: Ready means sshd accepts connections (docs/agent.md: a tcpSocket probe cannot reach the pod's
+#: 127.0.0.1). Without it a pod is Ready as soon as the entrypoint starts, and an agent that
+#: crashes a moment later would look Ready to :func:`~tpconf.cluster.wait_for_pod`.
+AGENT_READINESS: JSON = {
+    "exec": {"command": ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8022"]},
+    "periodSeconds": 1,
+    "timeoutSeconds": 2,
+    "failureThreshold": 3,
+}
+
+
+def swap_proxy_name(deployment: str) -> str:
+    """Name of the proxy Deployment that stands in for swapped ``deployment``."""
+    return deployment + SWAP_SUFFIX
+
+
+def keys_secret_name(deployment: str) -> str:
+    """Name of the keys Secret: ``<deployment>-tpconf-keys`` (for ``new``, the proxy itself;
+    for ``swap``, the swapped Deployment; for ``existing``, the user's Deployment)."""
+    return deployment + KEYS_SUFFIX
+
+
+def _metadata(req: ProxyRequest, name: str, extra_labels: Mapping[str, str] | None = None) -> JSON:
+    return {
+        "name": name,
+        "namespace": req.namespace,
+        "labels": {
+            **L.created_labels(config_name=req.name, session_id=req.session_id),
+            **dict(extra_labels or {}),
+        },
+        "annotations": L.owner_annotations(owner=req.owner, project=req.project),
+    }
+
+
+def owner_reference(deployment: Mapping[str, Any]) -> JSON:
+    """An ownerReference to a created Deployment (for garbage collection with it)."""
+    meta = deployment["metadata"]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": False,
+        "blockOwnerDeletion": False,
+    }
+
+
+def keys_secret(req: ProxyRequest, *, name: str, owner: Mapping[str, Any] | None = None) -> JSON:
+    """The keys Secret; ``owner`` (a created Deployment) makes it garbage-collected with it."""
+    meta = _metadata(req, name)
+    if owner is not None:
+        meta["ownerReferences"] = [owner_reference(owner)]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": meta,
+        "type": "Opaque",
+        "stringData": secret_data(req.keys),
+    }
+
+
+def secret_data(keys: AgentKeys) -> dict[str, str]:
+    """The Secret's files."""
+    return {HOST_KEY_FILE: keys.host_private_key, AUTHORIZED_KEYS_FILE: keys.authorized_keys}
+
+
+def keys_volume(secret: str) -> JSON:
+    """The pod volume of the keys Secret."""
+    return {
+        "name": KEYS_VOLUME,
+        "secret": {"secretName": secret, "defaultMode": KEYS_MODE},
+    }
+
+
+def keys_mount() -> JSON:
+    """The agent container's mount of the keys volume."""
+    return {"name": KEYS_VOLUME, "mountPath": KEYS_MOUNT, "readOnly": True}
+
+
+def restricted_container_security(
+    original: Mapping[str, Any] | None = None,
+    *,
+    pod_security: Mapping[str, Any] | None = None,
+) -> JSON:
+    """A container securityContext the ``restricted`` Pod Security Standard admits.
+
+    The user of ``original`` is kept, so the agent reads the pod's volumes (served over sshfs)
+    with the workload's permissions, except root: the agent never runs as root, so a root user
+    becomes :data:`AGENT_UID`. The group is always :data:`AGENT_GID` (0): the agent needs it to
+    read the keys and to name its uid in /etc/passwd (docs/agent.md); :func:`swap_deployment`
+    adds the workload's own group to the pod's ``supplementalGroups``.
+    ``privileged``, added capabilities and ``readOnlyRootFilesystem`` (the agent writes to
+    /tmp) are dropped; SELinux/AppArmor/Windows options are kept.
+    """
+    sc = copy.deepcopy(dict(original or {}))
+    for key in ("privileged", "readOnlyRootFilesystem", "procMount"):
+        sc.pop(key, None)
+    sc["allowPrivilegeEscalation"] = False
+    sc["capabilities"] = {"drop": ["ALL"]}
+    sc["runAsNonRoot"] = True
+    sc["seccompProfile"] = {"type": "RuntimeDefault"}
+    pod_sc = pod_security or {}
+    effective_uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+    if effective_uid == 0:
+        sc["runAsUser"] = AGENT_UID
+    sc["runAsGroup"] = AGENT_GID
+    return sc
+
+
+def low_ports_sysctl(ports: Sequence[int]) -> JSON | None:
+    """The sysctl that lets a non-root agent bind the lowest port below 1024, if any."""
+    low = [p for p in ports if p < 1024]
+    if not low:
+        return None
+    return {"name": UNPRIVILEGED_PORT_SYSCTL, "value": str(min(low))}
+
+
+def _with_sysctl(pod_sc: JSON, sysctl: JSON | None) -> JSON:
+    if sysctl is None:
+        return pod_sc
+    others = [s for s in pod_sc.get("sysctls") or [] if s.get("name") != sysctl["name"]]
+    return {**pod_sc, "sysctls": [*others, sysctl]}
+
+
+def new_deployment(req: ProxyRequest) -> JSON:
+    """The ``new`` operation's Deployment: one agent pod, selected by ``tpconf.io/proxy``."""
+    name = req.name
+    proxy = {L.PROXY: L.label_value(name)}
+    meta = _metadata(req, name, proxy)
+    pod_sc: JSON = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    pod_sc = _with_sysctl(pod_sc, low_ports_sysctl(req.expose_remote_ports))
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": dict(proxy)},
+            "template": {
+                "metadata": {"labels": dict(meta["labels"]), "annotations": {}},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": True,
+                    "securityContext": pod_sc,
+                    "containers": [
+                        {
+                            "name": AGENT_CONTAINER,
+                            "image": req.agent_image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "ports": [
+                                {"name": f"tcp-{p}", "containerPort": p, "protocol": "TCP"}
+                                for p in req.expose_remote_ports
+                            ],
+                            "readinessProbe": copy.deepcopy(AGENT_READINESS),
+                            "resources": copy.deepcopy(RESOURCES),
+                            "securityContext": restricted_container_security(),
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                            "volumeMounts": [keys_mount()],
+                        }
+                    ],
+                    "volumes": [keys_volume(keys_secret_name(name))],
+                },
+            },
+        },
+    }
+
+
+def new_service(req: ProxyRequest) -> JSON | None:
+    """The ``new`` operation's ClusterIP Service, or ``None`` when no port is exposed."""
+    if not req.expose_remote_ports:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(req, req.name),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {L.PROXY: L.label_value(req.name)},
+            "ports": [
+                {"name": f"tcp-{p}", "port": p, "targetPort": p, "protocol": "TCP"}
+                for p in sorted(set(req.expose_remote_ports))
+            ],
+        },
+    }
+
+
+def choose_container(
+    containers: Sequence[Mapping[str, Any]], wanted: str | None, *, what: str
+) -> int:
+    """Index of the container to replace: ``wanted``, or the first; errors list the names."""
+    names = [str(c.get("name")) for c in containers]
+    if wanted is None:
+        if not names:
+            raise errors.ClusterError(f"{what} has no containers")
+        return 0
+    if wanted in names:
+        return names.index(wanted)
+    raise errors.NotFound(
+        f"{what} has no container {wanted!r} (containers: {', '.join(names)})",
+        hint="set `container:` of this deployment in telepresence.yaml to one of them",
+    )
+
+
+def swap_deployment(req: ProxyRequest, original: Mapping[str, Any], container: str | None) -> JSON:
+    """The proxy Deployment standing in for ``original`` (a Deployment as JSON)."""
+    orig_meta = original["metadata"]
+    orig_name = str(orig_meta["name"])
+    what = f'Deployment "{orig_name}"'
+    name = swap_proxy_name(orig_name)
+    proxy = {L.PROXY: L.label_value(name)}
+    template = copy.deepcopy(original["spec"]["template"])
+    tmeta = template.get("metadata") or {}
+    spec = template["spec"]
+    containers = spec["containers"]
+    index = choose_container(containers, container, what=what)
+    pod_sc = spec.get("securityContext") or {}
+    agent = dict(containers[index])
+    for key in REMOVED_FIELDS:
+        agent.pop(key, None)
+    agent["image"] = req.agent_image
+    agent["imagePullPolicy"] = "IfNotPresent"
+    agent["readinessProbe"] = copy.deepcopy(AGENT_READINESS)
+    agent["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    agent["securityContext"] = restricted_container_security(
+        agent.get("securityContext"), pod_security=pod_sc
+    )
+    mounts = [m for m in agent.get("volumeMounts") or [] if m.get("name") != KEYS_VOLUME]
+    agent["volumeMounts"] = [*mounts, keys_mount()]
+    containers[index] = agent
+    volumes = [v for v in spec.get("volumes") or [] if v.get("name") != KEYS_VOLUME]
+    spec["volumes"] = [*volumes, keys_volume(keys_secret_name(orig_name))]
+    sysctl = low_ports_sysctl(req.expose_remote_ports)
+    new_pod_sc = _with_sysctl(dict(pod_sc), sysctl)
+    workload_gid = (containers_orig_sc(original, index) or {}).get(
+        "runAsGroup", pod_sc.get("runAsGroup")
+    )
+    if workload_gid not in (None, AGENT_GID):
+        groups = list(new_pod_sc.get("supplementalGroups") or [])
+        if workload_gid not in groups:
+            new_pod_sc["supplementalGroups"] = [*groups, workload_gid]
+    if new_pod_sc or "securityContext" in spec:
+        spec["securityContext"] = new_pod_sc
+
+    created = L.created_labels(config_name=req.name, session_id=req.session_id)
+    # The original's labels win over ours (a Service may select on any of them, even
+    # app.kubernetes.io/managed-by); the tpconf.io/ ones are always ours.
+    template_labels = {**created, **(tmeta.get("labels") or {}), **proxy}
+    template_labels[L.SESSION] = created[L.SESSION]
+    template_labels[L.DEPLOYMENT] = created[L.DEPLOYMENT]
+    template["metadata"] = {
+        "labels": template_labels,
+        "annotations": dict(tmeta.get("annotations") or {}),
+    }
+    selector = copy.deepcopy(original["spec"].get("selector") or {})
+    selector["matchLabels"] = {**(selector.get("matchLabels") or {}), **proxy}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(req, name, proxy),
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": selector,
+            "template": template,
+        },
+    }
+
+
+def containers_orig_sc(deployment: Mapping[str, Any], index: int) -> JSON | None:
+    """The securityContext of container ``index`` of a Deployment's pod template."""
+    sc = deployment["spec"]["template"]["spec"]["containers"][index].get("securityContext")
+    return dict(sc) if sc else None
+
+
+def container_ports(deployment: Mapping[str, Any], container: str) -> tuple[int, ...]:
+    """The TCP container ports of ``container`` in a Deployment's pod template."""
+    for c in deployment["spec"]["template"]["spec"]["containers"]:
+        if c.get("name") == container:
+            return tuple(
+                int(p["containerPort"])
+                for p in c.get("ports") or []
+                if p.get("protocol", "TCP") == "TCP"
+            )
+    return ()
+
+
+def image_repository(image: str) -> str:
+    """``registry/team/tpconf/agent`` of ``registry/team/tpconf/agent:0.1.0@sha256:...``."""
+    image = image.split("@", 1)[0]
+    slash = image.rfind("/")
+    colon = image.rfind(":")
+    return image[:colon] if colon > slash else image
+
+
+def is_agent_image(image: str, agent_image: str) -> bool:
+    """Whether ``image`` is the agent: the configured image's repository, or ``*/tpconf/agent``."""
+    repo = image_repository(image)
+    return (
+        repo == image_repository(agent_image)
+        or repo == AGENT_REPOSITORY
+        or repo.endswith("/" + AGENT_REPOSITORY)
+    )
+
+
+def check_existing(deployment: Mapping[str, Any], agent_image: str) -> str:
+    """The agent container of an ``existing`` Deployment; explains what is wrong otherwise."""
+    name = str(deployment["metadata"]["name"])
+    spec = deployment["spec"]["template"]["spec"]
+    containers = spec.get("containers") or []
+    agents = [c for c in containers if is_agent_image(str(c.get("image", "")), agent_image)]
+    if not agents:
+        images = ", ".join(f"{c.get('name')}={c.get('image')}" for c in containers)
+        raise errors.ClusterError(
+            f'Deployment "{name}" does not run the tpconf agent: no container uses '
+            f"{agent_image} or another */{AGENT_REPOSITORY} image (containers: {images})",
+            hint=f"use `operation: swap` for an ordinary workload, or run {agent_image} "
+            "in it (docs/agent.md)",
+        )
+    agent = agents[0]
+    secret = keys_secret_name(name)
+    volumes = {
+        v.get("name"): v
+        for v in spec.get("volumes") or []
+        if (v.get("secret") or {}).get("secretName") == secret
+    }
+    mounted = [
+        m
+        for m in agent.get("volumeMounts") or []
+        if m.get("name") in volumes and m.get("mountPath") == KEYS_MOUNT
+    ]
+    if not mounted:
+        raise errors.ClusterError(
+            f'Deployment "{name}": container "{agent.get("name")}" runs the agent but does not '
+            f'mount Secret "{secret}" at {KEYS_MOUNT}',
+            hint=f"add a volume {{secret: {{secretName: {secret}, defaultMode: 0400}}}} and a "
+            f"volumeMount at {KEYS_MOUNT} (readOnly); tpconf writes the keys into that Secret",
+        )
+    return str(agent["name"])

@@ -1,0 +1,107 @@
+"""The inputs and results of the cluster operations: plain frozen dataclasses.
+
+The reconciler maps its config models onto these (``tpconf.cluster`` does not import
+``tpconf.config`` models, and never sees the tunnel's key objects: keys arrive as strings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class New:
+    """Create a proxy Deployment and a Service of that name (Telepresence's ``--new-deployment``)."""
+
+
+@dataclass(frozen=True)
+class Swap:
+    """Replace an existing Deployment's pods by a proxy; restore it afterwards.
+
+    ``container`` is the container to replace; ``None`` means the only (or first) one.
+    """
+
+    deployment: str
+    container: str | None = None
+
+
+@dataclass(frozen=True)
+class Existing:
+    """Use a Deployment that already runs the agent image (mounting Secret ``<name>-tpconf-keys``)."""
+
+    deployment: str
+
+
+Operation = New | Swap | Existing
+
+
+@dataclass(frozen=True)
+class AgentKeys:
+    """Key material for one agent, in OpenSSH text formats. Never logged, never in messages.
+
+    ``host_private_key`` is the agent's host key (OpenSSH private key format);
+    ``authorized_keys`` is the line(s) of the client's public key.
+    """
+
+    host_private_key: str = field(repr=False)
+    authorized_keys: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    """One deployment of telepresence.yaml, as the cluster layer needs it.
+
+    ``name`` is the config name (for ``new`` it is also the Deployment and Service name);
+    ``owner`` is ``user@host`` and ``project`` the hash of the project path
+    (:func:`tpconf.cluster.labels.project_id`): together they decide what ``tpconf down`` may touch.
+    """
+
+    name: str
+    namespace: str
+    operation: Operation
+    agent_image: str
+    session_id: str
+    owner: str
+    project: str
+    keys: AgentKeys
+    expose_remote_ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """Where the agent of one request runs; what :func:`~tpconf.cluster.wait_for_pod` waits for.
+
+    ``selector`` is a label selector (``k=v,k2=v2``) matching the agent's pods only;
+    ``container`` is the agent container's name; ``ports`` are the container ports of the pod
+    template (a swapped workload's own ports, for auto-expose).
+    """
+
+    namespace: str
+    deployment: str
+    selector: str
+    container: str
+    ports: tuple[int, ...] = ()
+    service: str | None = None
+    swapped: str | None = None
+
+
+@dataclass(frozen=True)
+class PodRef:
+    """A Ready agent pod: what the tunnel port-forwards to."""
+
+    namespace: str
+    pod: str
+    container: str
+
+
+@dataclass
+class DownReport:
+    """What :func:`~tpconf.cluster.down` did, one line per object, for the CLI to print."""
+
+    restored: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """Human-readable lines; ``["nothing to clean up"]`` when nothing was left behind."""
+        out = [f"restored {r}" for r in self.restored] + [f"deleted {d}" for d in self.deleted]
+        return out or ["nothing to clean up"]
