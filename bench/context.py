@@ -1,0 +1,94 @@
+"""What every measurement gets: the mode's sizes, the namespace, the table, the deadline."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.core import Table
+from bench.kube import KUBECTL, BenchNamespace, kubeconfig
+from bench.side import SideConfig
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rtt_count: int
+    """Round trips per variant."""
+    bulk_bytes: int
+    bulk_runs: int
+    concurrent: int
+    dns_count: int
+    startup_runs: int
+    transport_runs: int
+    tuning_bytes: int
+    tuning_runs: int
+
+
+FULL = Sizes(
+    rtt_count=60,
+    bulk_bytes=200 * 1000 * 1000,
+    bulk_runs=3,
+    concurrent=1000,
+    dns_count=50,
+    startup_runs=5,
+    transport_runs=3,
+    tuning_bytes=100 * 1000 * 1000,
+    tuning_runs=3,
+)
+QUICK = Sizes(
+    rtt_count=5,
+    bulk_bytes=2 * 1000 * 1000,
+    bulk_runs=1,
+    concurrent=50,
+    dns_count=5,
+    startup_runs=1,
+    transport_runs=1,
+    tuning_bytes=1 * 1000 * 1000,
+    tuning_runs=1,
+)
+
+
+@dataclass
+class Bench:
+    quick: bool
+    sizes: Sizes
+    ns: BenchNamespace
+    table: Table = field(default_factory=Table)
+    started: float = field(default_factory=time.monotonic)
+    meta: dict[str, Any] = field(default_factory=dict)
+    only: set[str] = field(default_factory=set)
+    """Measurement names to run (empty: all)."""
+
+    def side_config(self, **overrides: Any) -> SideConfig:
+        """How to start :mod:`bench.side` against the bench's agent pod."""
+        keys = self.ns.keys
+        cfg = SideConfig(
+            namespace=self.ns.name,
+            pod=self.ns.agent,
+            username="tpconf",
+            client_key=keys.client_private_key,
+            host_key=keys.host_public_key,
+            fwd_target=(self.ns.echo_ip, 7000),
+            kubectl=KUBECTL,
+            kubeconfig=kubeconfig(),
+        )
+        for key, value in overrides.items():
+            setattr(cfg, key, value)
+        return cfg
+
+
+def bounded(count: int, seconds: float) -> range:
+    """``range(count)``; callers also check :func:`time_left` (every loop is bounded twice)."""
+    del seconds
+    return range(count)
+
+
+class Deadline:
+    """A time bound for one loop."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def __bool__(self) -> bool:
+        return time.monotonic() < self.end

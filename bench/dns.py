@@ -1,0 +1,139 @@
+"""Row 4: DNS lookup of a Service name.
+
+- ``ClusterResolver`` (what the SOCKS server's RESOLVE uses), uncached (its cache emptied before
+  each lookup; the query rides a ``direct-tcpip`` channel to the pod's nameserver, read from the
+  agent's resolv.conf with ``fetch_pod_info``) and cached;
+- the vpn-tcp ``DnsServer`` over UDP on 127.0.0.1, uncached and cached;
+- ``getaddrinfo`` inside a cluster pod (glibc, no cache; the loop runs in the pod, so kubectl
+  exec start-up is not counted): the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from anyio.abc import ConnectedUDPSocket
+from dnslib import DNSRecord
+
+from bench.context import Bench, Deadline
+from bench.core import Row, below
+from bench.kube import kubectl
+from tpconf.proxy import ClusterResolver, DnsServer
+from tpconf.tunnel import (
+    PodInfo,
+    PortForwardTarget,
+    Tunnel,
+    fetch_pod_info,
+    kubectl_port_forward,
+    open_tunnel,
+)
+
+REF = "in-pod getaddrinfo"
+
+IN_POD = """
+import socket, time, json, sys
+name, n = sys.argv[1], int(sys.argv[2])
+out = []
+for _ in range(n):
+    t = time.perf_counter()
+    socket.getaddrinfo(name, 7000, socket.AF_INET, socket.SOCK_STREAM)
+    out.append((time.perf_counter() - t) * 1e3)
+print(json.dumps(out))
+"""
+
+
+@asynccontextmanager
+async def tunnel_to_agent(bench: Bench) -> AsyncIterator[tuple[Tunnel, PodInfo]]:
+    cfg = bench.side_config()
+    target = PortForwardTarget(
+        namespace=cfg.namespace,
+        resource=f"pod/{cfg.pod}",
+        kubectl=cfg.kubectl,
+        kubeconfig=cfg.kubeconfig,
+    )
+    creds = bench.ns.keys.credentials("tpconf")
+    async with kubectl_port_forward(target) as pf, open_tunnel(pf.endpoint, creds) as tunnel:
+        yield tunnel, await fetch_pod_info(tunnel)
+
+
+async def _udp_query(udp: ConnectedUDPSocket, packet: bytes) -> bytes:
+    with anyio.fail_after(5):
+        await udp.send(packet)
+        return await udp.receive()
+
+
+async def dns(bench: Bench) -> None:
+    name = "DNS lookup of a Service"
+    count = bench.sizes.dns_count
+    short = "echo"
+    fqdn = f"echo.{bench.ns.name}.svc.cluster.local."
+    rows = {
+        v: bench.table.add(Row(name, v, "ms", reference=REF))
+        for v in (
+            REF,
+            "inject-tcp resolver uncached",
+            "inject-tcp resolver cached",
+            "vpn-tcp DnsServer/UDP uncached",
+            "vpn-tcp DnsServer/UDP cached",
+        )
+    }
+    for v, limit in (("uncached", 5.0), ("cached", 0.2)):
+        for prefix in ("inject-tcp resolver", "vpn-tcp DnsServer/UDP"):
+            rows[f"{prefix} {v}"].target = f"< {limit:g} ms"
+            rows[f"{prefix} {v}"].check = below(limit)
+
+    out = await anyio.to_thread.run_sync(
+        lambda: kubectl(
+            "-n", bench.ns.name, "exec", bench.ns.echo, "--",
+            "python3", "-c", IN_POD, short, str(max(count, 20)),
+        )
+    )  # fmt: skip
+    rows[REF].samples = json.loads(out)[1:]  # the first one includes loading NSS modules
+    rows[REF].note = "glibc getaddrinfo(AF_INET) of the short name, timed in the pod"
+
+    async with tunnel_to_agent(bench) as (tunnel, info):
+        rc = info.resolv_conf
+        bench.meta["pod_resolv_conf"] = {"search": rc.search, "ndots": rc.ndots}
+        async with ClusterResolver(tunnel, rc.nameservers, rc.search, rc.ndots) as resolver:
+            server = DnsServer(resolver, upstream=("127.0.0.1", 9))
+            async with anyio.create_task_group() as tg:
+                port = await tg.start(server.serve)
+                udp = await anyio.create_connected_udp_socket("127.0.0.1", port)
+                packet = DNSRecord.question(fqdn, "A").pack()
+                await resolver.addresses(short)  # warm: the DNS connection through the tunnel
+                deadline = Deadline(60)
+                for _ in range(count):
+                    if not deadline:
+                        break
+                    for cached in (False, True):
+                        if not cached:
+                            resolver._cache.clear()
+                        start = time.perf_counter()
+                        addresses = await resolver.addresses(short)
+                        elapsed = (time.perf_counter() - start) * 1e3
+                        assert addresses == [bench.ns.echo_ip], addresses
+                        v = "cached" if cached else "uncached"
+                        rows[f"inject-tcp resolver {v}"].samples.append(elapsed)
+                    for cached in (False, True):
+                        if not cached:
+                            resolver._cache.clear()
+                        start = time.perf_counter()
+                        reply = DNSRecord.parse(await _udp_query(udp, packet))
+                        elapsed = (time.perf_counter() - start) * 1e3
+                        assert str(reply.a.rdata) == bench.ns.echo_ip, reply
+                        v = "cached" if cached else "uncached"
+                        rows[f"vpn-tcp DnsServer/UDP {v}"].samples.append(elapsed)
+                await udp.aclose()
+                tg.cancel_scope.cancel()
+    rows[
+        "inject-tcp resolver uncached"
+    ].note = (
+        f"short name {short!r}: search list applied (ndots {rc.ndots}), candidates asked at once"
+    )
+    rows[
+        "vpn-tcp DnsServer/UDP uncached"
+    ].note = "FQDN over UDP to tpconf's DnsServer on 127.0.0.1 (no iptables redirect in the bench)"
