@@ -16,10 +16,12 @@ is gone and only then removes the folder, with ``rmdir``: never a recursive dele
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,9 +192,27 @@ async def _pump(a: ByteStream, b: ByteStream) -> None:
         tg.start_soon(one_way, b, a)
 
 
+@functools.cache
+def _knows_option(sshfs: str, option: str) -> bool:
+    """Whether this sshfs build lists ``option`` in its help (some patched builds add options)."""
+    try:
+        help_text = subprocess.run(
+            [sshfs, "-h"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return option in help_text.stdout + help_text.stderr
+
+
 def sshfs_argv(mount: Mount, *, sshfs: str = "sshfs") -> list[str]:
     """The sshfs command line for ``mount`` in passive mode (SFTP on stdin/stdout)."""
-    options = ["passive", "idmap=none"]
+    # transform_symlinks: the pod's absolute symlinks (Debian's /var/run -> /run) must resolve
+    # inside the mount, not on this machine, or $TELEPRESENCE_ROOT/var/run/secrets/... and the
+    # real-path binds would reach the laptop's own /run. Debian's sshfs then still refuses them
+    # (its `contain_symlinks`, on by default, rejects links with `..`) unless told not to.
+    options = ["passive", "idmap=none", "transform_symlinks"]
+    if _knows_option(sshfs, "no_contain_symlinks"):
+        options.append("no_contain_symlinks")
     if mount.read_only:
         options.append("ro")
     source = f"{SOURCE_HOST}:{mount.remote_path}"
