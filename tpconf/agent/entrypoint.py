@@ -118,13 +118,31 @@ def unescape_mount_path(path: str) -> str:
     return path
 
 
+def _symlink_aliases() -> dict[str, str]:
+    """Resolved directory -> the symlink path that pod specs use (Debian: /var/run -> /run).
+
+    The runtime resolves symlinks in a volume's mountPath, so the kernel lists
+    /run/secrets/kubernetes.io/serviceaccount for a pod that declared /var/run/secrets/...;
+    TELEPRESENCE_MOUNTS should show the path as declared (and as programs open it).
+    """
+    aliases: dict[str, str] = {}
+    for link in ("/var/run", "/var/lock"):
+        if os.path.islink(link):
+            aliases[os.path.realpath(link)] = link
+    return aliases
+
+
 def volume_mounts() -> list[str]:
     paths: list[str] = []
+    aliases = _symlink_aliases()
     for line in Path("/proc/self/mounts").read_text().splitlines():
         fields = line.split()
         if len(fields) < 2:
             continue
         path = unescape_mount_path(fields[1])
+        for real, alias in aliases.items():
+            if path.startswith(real + "/"):
+                path = alias + path[len(real) :]
         if path in EXCLUDED_MOUNTS or path in paths:
             continue
         if any(path == tree or path.startswith(tree + "/") for tree in EXCLUDED_TREES):
