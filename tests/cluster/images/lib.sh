@@ -57,7 +57,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   address = "/run/docker/containerd/containerd.sock"
 TOML
     # Not a process-group leader here, so setsid execs in place and $! is containerd's pid.
-    setsid containerd --config "$STATE/docker-containerd.toml" </dev/null >>"$STATE/docker-containerd.log" 2>&1 &
+    # 9>&-: the daemon must not inherit the images lock, or it would hold it for its lifetime.
+    setsid containerd --config "$STATE/docker-containerd.toml" </dev/null >>"$STATE/docker-containerd.log" 2>&1 9>&- &
     echo $! >"$STATE/docker-containerd.pid"
     wait_for 30 "docker's containerd" sock_alive "$DOCKER_CONTAINERD" ||
       die "docker's containerd did not start; see $STATE/docker-containerd.log"
@@ -67,7 +68,7 @@ TOML
   # Builds use `--network host` instead (RUN apt-get needs the network); nothing else runs here.
   setsid dockerd --host "unix://$DOCKER_SOCK" --containerd "$DOCKER_CONTAINERD" \
     --pidfile "$STATE/dockerd.pid" --iptables=false --ip6tables=false --bridge=none --ip-masq=false \
-    </dev/null >>"$logf" 2>&1 &
+    </dev/null >>"$logf" 2>&1 9>&- &
   wait_for 60 dockerd "$DOCKER" version || die "dockerd did not start; see $logf"
   log "dockerd started in $(elapsed "$t0")s (log: $logf)"
 }
