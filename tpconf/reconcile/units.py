@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from tpconf import cluster
+from tpconf import cluster, volumes
 from tpconf.cluster.services import update_service_ports
 from tpconf.config import DeploymentSpec, ExistingOp, NewOp, SwapOp
 from tpconf.errors import TpconfError
@@ -206,10 +206,27 @@ async def outbound_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
 
 
 async def volumes_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
-    """The pod's volumes (none in this build: the mount points are only announced)."""
-    rt.volume_mounts = tuple(rt.need_pod_info().mounts)
-    task_status.started()
-    await anyio.sleep_forever()
+    """The pod's filesystem under the volume root, plus each mapping at its own local path.
+
+    sshfs speaks SFTP over a channel of the deployment's SSH connection (no second login), and
+    is mounted again by itself if the mount drops.
+    """
+    info, spec = rt.need_pod_info(), rt.spec
+    rt.volume_mounts = tuple(info.mounts)
+    config = spec.volumes
+    if config is None:
+        task_status.started()
+        await anyio.sleep_forever()
+        return
+    tunnel = rt.need_tunnel()
+    wanted = [volumes.Mount("/", config.root, read_only=False)]
+    wanted += [volumes.Mount(m.pod, m.local, read_only=m.read_only) for m in config.mounts]
+    async with anyio.create_task_group() as tg:
+        for mount in wanted:
+            await tg.start(volumes.run_mount, mount, tunnel.open_sftp_stream)
+        rt.volume_root = str(config.root)
+        rt.session.notice(rt.name, f"pod filesystem mounted at {config.root}")
+        task_status.started()
 
 
 async def _open_forward(rt: Runtime, local: int, remote: int) -> None:
@@ -292,6 +309,9 @@ async def process_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
             prefix: tuple[str, ...] = tuple(wrapper.argv)
         else:
             prefix = ()
+        if spec.volumes is not None and spec.volumes.real_paths and rt.volume_root:
+            # proot outermost: the torsocks wrapper and the command see the pod's paths.
+            prefix = (*volumes.real_path_wrapper(rt.volume_root, rt.volume_mounts), *prefix)
         argv = spec.run if isinstance(spec.run, tuple) else ()
         shell = spec.run if isinstance(spec.run, str) else None
         process = ProcessSpec(

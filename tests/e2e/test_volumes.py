@@ -1,0 +1,96 @@
+"""The pod's volumes on this machine (sshfs over the deployment's own SSH connection)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cluster
+from tests.e2e.harness import Up, wait_until, write_config
+from tests.e2e.test_up import NGINX, file_text
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+SA = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def test_swapped_deployment_volumes_appear_locally(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    ns = namespace
+    cluster.kubectl("-n", ns, "create", "secret", "generic", "db", "--from-literal=password=s3cret")
+    cluster.kubectl("-n", ns, "create", "configmap", "settings", "--from-literal=mode=fast")
+    cluster.kubectl(
+        "-n",
+        ns,
+        "apply",
+        "-f",
+        "-",
+        input=f"""
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: app}}
+spec:
+  selector: {{matchLabels: {{app: app}}}}
+  template:
+    metadata: {{labels: {{app: app}}}}
+    spec:
+      containers:
+      - name: main
+        image: {NGINX}
+        volumeMounts:
+        - {{name: db, mountPath: /etc/db, readOnly: true}}
+        - {{name: settings, mountPath: /etc/settings}}
+      volumes:
+      - {{name: db, secret: {{secretName: db}}}}
+      - {{name: settings, configMap: {{name: settings}}}}
+""",
+    )
+    cluster.kubectl("-n", ns, "rollout", "status", "deployment/app", "--timeout=120s")
+    script = (
+        'cat "$TELEPRESENCE_ROOT/etc/db/password" > password.txt; '
+        'cat "$TELEPRESENCE_ROOT/etc/settings/mode" > mode.txt; '
+        'echo "$TELEPRESENCE_MOUNTS" > mounts.txt; '
+        "cat k8s/serviceaccount/namespace > mapped-ns.txt; "
+        "if touch k8s/serviceaccount/x 2>/dev/null; then echo writable; else echo refused; fi"
+        " > readonly.txt; "
+        f"cat {SA}/namespace > real-path.txt"
+    )
+    write_config(
+        tmp_path,
+        f"""\
+version: 1
+namespace: {ns}
+deployments:
+  app:
+    swap: true
+    volumes:
+      root: pod-root
+      real-paths: true
+      mounts:
+        - pod: /var/run/secrets/kubernetes.io
+          local: k8s
+          read-only: true
+    run: {script!r}
+""",
+    )
+    up = Up(cluster, tmp_path).start()
+    try:
+        up.wait_for(r"^app ready")
+        wait_until(lambda: (tmp_path / "real-path.txt").exists(), 60, "the process to finish")
+        up.wait_for(r"app exited with code 0")
+        assert file_text(tmp_path / "password.txt") == "s3cret"
+        assert file_text(tmp_path / "mode.txt") == "fast"
+        mounts = file_text(tmp_path / "mounts.txt").strip().split(":")
+        assert {"/etc/db", "/etc/settings", SA} <= set(mounts), mounts
+        assert file_text(tmp_path / "mapped-ns.txt") == ns
+        assert file_text(tmp_path / "readonly.txt").strip() == "refused"
+        assert file_text(tmp_path / "real-path.txt") == ns
+        assert (tmp_path / "pod-root" / SA.lstrip("/") / "token").read_text().count(".") == 2
+    finally:
+        assert up.stop() == 0, up.output[-3000:]
+    # Unmounted first, then removed.
+    mounts_after = Path("/proc/self/mounts").read_text()
+    assert str(tmp_path) not in mounts_after
+    assert not (tmp_path / "pod-root").exists()
