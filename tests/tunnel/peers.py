@@ -7,6 +7,7 @@ like the agent's OpenSSH sshd.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -56,19 +57,25 @@ class AgentServer:
         self.connections: list[asyncssh.SSHServerConnection] = []
         self.port = 0
 
-    async def start(self, port: int = 0) -> None:
-        self._acceptor = await asyncssh.listen(
-            "127.0.0.1",
-            port or self.port,
+    def _options(self) -> asyncssh.SSHServerConnectionOptions:
+        return asyncssh.SSHServerConnectionOptions(
             server_host_keys=[self._host_key],
             authorized_client_keys=asyncssh.import_authorized_keys(self.keys.client_public_key),
             server_factory=lambda: _Server(self),
             process_factory=_run_command,
             sftp_factory=True,
             encoding=None,
-            reuse_address=True,
+        )
+
+    async def start(self, port: int = 0) -> None:
+        self._acceptor = await asyncssh.listen(
+            "127.0.0.1", port or self.port, options=self._options(), reuse_address=True
         )
         self.port = self._acceptor.get_port()
+
+    async def serve_socket(self, sock: socket.socket) -> None:
+        """Serve one SSH connection on an already-connected socket (returns once authenticated)."""
+        await asyncssh.run_server(sock, options=self._options())
 
     async def kill(self) -> None:
         """Stop listening and drop every connection, as a deleted pod would."""
@@ -111,10 +118,36 @@ async def _reply_after_eof(stream: SocketStream) -> None:
         await stream.send(b"got " + received.upper())
 
 
+async def _sink(stream: SocketStream) -> None:
+    """Reads everything until EOF, then answers with the byte count (8 bytes, big-endian)."""
+    async with stream:
+        received = 0
+        async for chunk in stream:
+            received += len(chunk)
+        await stream.send(received.to_bytes(8, "big"))
+
+
+async def _source(stream: SocketStream) -> None:
+    """Reads a byte count (8 bytes, big-endian), sends that many zero bytes, closes."""
+    async with stream:
+        header = b""
+        while len(header) < 8:
+            header += await stream.receive(8 - len(header))
+        remaining = int.from_bytes(header, "big")
+        block = bytes(256 * 1024)
+        while remaining > 0:
+            await stream.send(block[:remaining])
+            remaining -= len(block)
+
+
+_HANDLERS = {"echo": _echo, "reply-after-eof": _reply_after_eof, "sink": _sink, "source": _source}
+
+
 @asynccontextmanager
 async def tcp_server(kind: str = "echo") -> AsyncIterator[int]:
-    """A loopback TCP server (``echo`` or ``reply-after-eof``); yields its port."""
-    handler = _echo if kind == "echo" else _reply_after_eof
+    """A loopback TCP server (``echo``, ``reply-after-eof``, ``sink`` or ``source``); yields
+    its port."""
+    handler = _HANDLERS[kind]
     async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
         port = listener.extra(anyio.abc.SocketAttribute.local_port)
         async with anyio.create_task_group() as tg:

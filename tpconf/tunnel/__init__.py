@@ -5,6 +5,7 @@ The only package that imports the SSH library (asyncssh). What it owns:
 - :mod:`~tpconf.tunnel.keys`: per-proxy client and host keys, as the Secret holds them;
 - :mod:`~tpconf.tunnel.connection`: one pinned SSH connection: ``dial`` (a
   :class:`tpconf.net.Dialer`), remote forwards, commands, the sftp stream;
+- :mod:`~tpconf.tunnel.coalesce`: the SSH connection's socket, one write per event-loop turn;
 - :mod:`~tpconf.tunnel.stream`: an SSH channel as an anyio byte stream;
 - :mod:`~tpconf.tunnel.portforward`: the ``kubectl port-forward`` child;
 - :mod:`~tpconf.tunnel.session`: supervision: reconnect with back-off, state changes;
@@ -14,6 +15,7 @@ The only package that imports the SSH library (asyncssh). What it owns:
 from __future__ import annotations
 
 from tpconf.tunnel.connection import (
+    AGENT_SSH_PORT,
     DEFAULT_SETTINGS,
     CommandResult,
     Credentials,
@@ -26,7 +28,6 @@ from tpconf.tunnel.connection import (
 from tpconf.tunnel.keys import AGENT_SECRET_KEYS, ProxyKeys
 from tpconf.tunnel.podinfo import PODINFO_PATH, PodInfo, ResolvConf, fetch_pod_info
 from tpconf.tunnel.portforward import (
-    AGENT_SSH_PORT,
     PortForward,
     PortForwardTarget,
     kubectl_port_forward,

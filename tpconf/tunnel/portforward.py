@@ -28,13 +28,10 @@ import anyio
 from anyio.abc import Process
 
 from tpconf.errors import Forbidden, TpconfError, TunnelDown, TunnelError, trim_payload
-from tpconf.tunnel.connection import Endpoint
+from tpconf.tunnel.connection import AGENT_SSH_PORT, Endpoint
 from tpconf.tunnel.session import Transport
 
 log = logging.getLogger(__name__)
-
-#: The agent's sshd port inside the pod.
-AGENT_SSH_PORT = 8022
 
 _FORWARDING = re.compile(rb"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)")
 

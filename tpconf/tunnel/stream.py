@@ -23,8 +23,9 @@ import asyncssh
 from anyio.abc import ByteStream
 from asyncssh.channel import SSHChannel
 
-#: Unread bytes above which the channel stops reading (back-pressure to the sender).
-DEFAULT_READ_LIMIT = 1024 * 1024
+#: Unread bytes above which the channel stops reading (back-pressure to the sender); half the
+#: default channel window (see ``TunnelSettings.read_limit``).
+DEFAULT_READ_LIMIT = 4 * 1024 * 1024
 
 
 class ChannelStream(ByteStream):
