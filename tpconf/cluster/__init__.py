@@ -27,6 +27,7 @@ from tpconf.cluster.model import (
     ProxyRequest,
     Swap,
 )
+from tpconf.cluster.networks import ClusterNetworks, discover_networks
 from tpconf.cluster.operations import (
     down,
     existing,
@@ -42,6 +43,7 @@ from tpconf.cluster.pods import wait_for_pod
 __all__ = [
     "AgentKeys",
     "Cluster",
+    "ClusterNetworks",
     "DownReport",
     "Existing",
     "New",
@@ -52,6 +54,7 @@ __all__ = [
     "Swap",
     "connect",
     "default_owner",
+    "discover_networks",
     "down",
     "existing",
     "from_token",
