@@ -8,6 +8,7 @@ a bug. ``--debug`` adds tracebacks. Colour is used only on a terminal (rich deci
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tpconf import __version__, cluster
+from tpconf import __version__, cluster, volumes
 from tpconf.config import (
     ConfigWarning,
     DeploymentSpec,
@@ -36,6 +37,7 @@ from tpconf.config import (
 )
 from tpconf.config.schema import DOCS_PATH, SCHEMA_PATH, docs_text, schema_text
 from tpconf.errors import ConfigError, TpconfError
+from tpconf.methods import routing
 from tpconf.reconcile import control, state
 from tpconf.reconcile.plan import Plan, facets_of
 from tpconf.reconcile.plan import plan as build_plan
@@ -45,6 +47,8 @@ from tpconf.supervisor import ConsoleSink, to_dotenv, to_json
 
 #: Exit codes: 2 is also click's code for a bad command line.
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+log = logging.getLogger(__name__)
 
 BUG_MESSAGE = "this is a bug in tpconf, please report it"
 
@@ -159,13 +163,22 @@ class ConsoleReporter(Reporter):
             _console().print(Text(str(action), style="dim"))
 
     def status(self, snapshot: state.Snapshot) -> None:
-        _console(stderr=False).print(status_table(snapshot))
+        print_status(snapshot)
 
     def config_error(self, error: ConfigError) -> None:
         print_error(error.render() + "\n(the last good configuration keeps running)")
 
     def message(self, text: str) -> None:
         _console().print(Text(text, style="bold"))
+
+
+def print_status(snapshot: state.Snapshot) -> None:
+    """The status table, then the vpn-tcp routes (which ranges go through which pod)."""
+    console = _console(stderr=False)
+    console.print(status_table(snapshot))
+    for row in snapshot.deployments:
+        if row.routes:
+            console.print(f"vpn-tcp via {row.name}: {', '.join(row.routes)}")
 
 
 def status_table(snapshot: state.Snapshot) -> Table:
@@ -288,7 +301,21 @@ def down(file: Path | None, everything: bool) -> None:
 
     for line in anyio.run(run, backend="asyncio"):
         _console(stderr=False).print(line)
+    for line in anyio.run(local_leftovers, backend="asyncio"):
+        _console(stderr=False).print(line)
     state.remove(session.state_dir)
+
+
+async def local_leftovers() -> list[str]:
+    """What a crashed `up` left on this machine: vpn-tcp rules and DNS redirect, sshfs mounts."""
+    lines = [f"unmounted {path}" for path in await volumes.remove_leftover_mounts()]
+    try:
+        chains = await routing.remove_leftovers()
+    except TpconfError as exc:  # not root: there can be no rules of ours either
+        log.debug("vpn-tcp leftovers not checked: %s", exc.message)
+    else:
+        lines += [f"removed iptables chain {chain}" for chain in sorted(chains)]
+    return lines
 
 
 @cli.command()
@@ -309,10 +336,10 @@ def status(file: Path | None) -> int:
                 style="yellow",
             )
         )
-        console.print(status_table(snapshot))
+        print_status(snapshot)
         return EXIT_FAILURE
     console.print(f"tpconf up is running (pid {snapshot.pid}, session {snapshot.session})")
-    console.print(status_table(snapshot))
+    print_status(snapshot)
     return EXIT_OK
 
 

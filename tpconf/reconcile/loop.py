@@ -26,6 +26,7 @@ from tpconf.errors import TpconfError
 from tpconf.reconcile import units
 from tpconf.reconcile.plan import Action, Facets, Plan, Unit, facets_of, plan
 from tpconf.reconcile.session import Session
+from tpconf.reconcile.vpn import SharedVpn
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class Reconciler:
         self.deployments: dict[str, DeploymentState] = {}
         self.running: dict[str, Facets] = {}
         self.project: Project | None = None
+        self.vpn = SharedVpn(tg, session)
+        session.vpn = self.vpn
 
     def plan_for(self, project: Project) -> Plan:
         """What :meth:`apply` would do (``tpconf plan`` shows this against nothing running)."""
@@ -97,6 +100,7 @@ class Reconciler:
     async def apply(self, project: Project) -> Plan:
         """Reconcile towards ``project``; returns the plan that was carried out."""
         async with self._lock:
+            self.vpn.spec = project.vpn
             desired = {d.name: facets_of(d) for d in project.deployments}
             the_plan = plan(self.running, desired)
             specs = {d.name: d for d in project.deployments}
@@ -175,7 +179,7 @@ class Reconciler:
         if action.unit == Unit.EXPOSE:
             await units.update_exposes(state.runtime, state.runtime.spec)
         elif action.unit == Unit.OUTBOUND:
-            self._session.notice(state.runtime.name, "also-proxy updated")
+            await units.update_routes(state.runtime)
 
     async def _start_unit(self, state: DeploymentState, unit: Unit) -> None:
         function = self._functions[unit]

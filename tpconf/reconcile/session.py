@@ -12,12 +12,16 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from tpconf import cluster
 from tpconf.errors import TpconfError
 from tpconf.supervisor import OutputSink
+
+if TYPE_CHECKING:
+    from tpconf.reconcile.vpn import SharedVpn
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,8 @@ class Session:
     owner: str = field(default_factory=cluster.default_owner)
     kubeconfig: str | None = None
     kubectl: str = field(default_factory=find_kubectl)
+    vpn: SharedVpn | None = None
+    """The session's VPN, shared by the vpn-tcp deployments (set by the reconciler)."""
     _clusters: dict[tuple[str | None, str | None], cluster.Cluster] = field(default_factory=dict)
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
 

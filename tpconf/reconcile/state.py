@@ -31,6 +31,8 @@ class DeploymentRow:
     socks_port: int | None = None
     process: str = ""
     error: str | None = None
+    routes: tuple[str, ...] = ()
+    """vpn-tcp: the ranges routed through this deployment's pod."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,13 @@ class Snapshot:
     def from_json(cls, text: str) -> Snapshot:
         data = json.loads(text)
         rows = tuple(
-            DeploymentRow(**{**row, "exposes": tuple(row.get("exposes", ()))})
+            DeploymentRow(
+                **{
+                    **row,
+                    "exposes": tuple(row.get("exposes", ())),
+                    "routes": tuple(row.get("routes", ())),
+                }
+            )
             for row in data.pop("deployments", ())
         )
         return cls(**data, deployments=rows)

@@ -22,7 +22,6 @@ from anyio.abc import TaskStatus
 from tpconf import cluster, volumes
 from tpconf.cluster.services import update_service_ports
 from tpconf.config import DeploymentSpec, ExistingOp, NewOp, SwapOp
-from tpconf.errors import TpconfError
 from tpconf.methods import inject
 from tpconf.proxy import ClusterResolver, SocksServer
 from tpconf.reconcile.session import AGENT_USER, Session
@@ -188,21 +187,34 @@ async def tunnel_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
 
 
 async def outbound_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
-    """inject-tcp: the cluster resolver and the SOCKS server torsocks talks to."""
+    """The cluster resolver, plus the SOCKS server (inject-tcp) or the shared VPN (vpn-tcp)."""
     tunnel, info = rt.need_tunnel(), rt.need_pod_info()
-    if rt.spec.method != "inject-tcp":
-        raise TpconfError(
-            f"{rt.name}: method {rt.spec.method} is not available in this build yet",
-            hint="use `method: inject-tcp` for this deployment",
-        )
     resolv = info.resolv_conf
     async with ClusterResolver(
         tunnel, resolv.nameservers, search=resolv.search, ndots=resolv.ndots
     ) as resolver:
         rt.resolver = resolver
+        if rt.spec.method == "vpn-tcp":
+            vpn, client, request = rt.session.vpn, rt.client, rt.request
+            assert vpn is not None and client is not None and request is not None
+            await vpn.join(rt.name, tunnel, resolver, client, request.namespace, rt.spec.also_proxy)
+            try:
+                task_status.started()
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await vpn.leave(rt.name)
         async with anyio.create_task_group() as tg:
             rt.socks_port = await tg.start(SocksServer(resolver, tunnel).serve)
             task_status.started()
+
+
+async def update_routes(rt: Runtime) -> None:
+    """`also-proxy` of a vpn-tcp deployment changed: re-resolve it and update its routes."""
+    vpn, client, request = rt.session.vpn, rt.client, rt.request
+    if rt.spec.method == "vpn-tcp" and vpn is not None and client and request:
+        await vpn.update(rt.name, client, request.namespace, rt.spec.also_proxy)
+        rt.session.notice(rt.name, "vpn-tcp routes updated")
 
 
 async def volumes_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:

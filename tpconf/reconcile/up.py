@@ -43,6 +43,7 @@ def snapshot(
 ) -> state.Snapshot:
     rows = []
     project = reconciler.project
+    routes = reconciler.vpn.routes()
     for spec in project.deployments if project else ():
         dep = reconciler.deployments.get(spec.name)
         rt = dep.runtime if dep else None
@@ -59,6 +60,7 @@ def snapshot(
                 socks_port=rt.socks_port if rt else None,
                 process=rt.process_state if rt else "",
                 error=(dep.error if dep else "not started") or (failed[0] if failed else None),
+                routes=routes.get(spec.name, ()),
             )
         )
     return state.Snapshot(
