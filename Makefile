@@ -23,8 +23,10 @@ lint: install
 	$(BIN)/tpconf schema --check
 
 # Unit and integration tests need no cluster; e2e tests start the local one (or use $$KUBECONFIG).
+# The benchmarks only have to run to completion here (`--quick`); numbers come from `make bench`.
 test: lint
 	$(BIN)/pytest
+	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} $(BIN)/python -m bench --quick
 
 test-unit: install
 	$(BIN)/pytest -m 'not e2e'
