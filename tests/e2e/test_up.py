@@ -377,3 +377,62 @@ deployments:
     assert left == ""
     # Idempotent: a second run finds nothing.
     assert "nothing to clean up" in tpconf(cluster, tmp_path, "down")
+
+
+def test_shell_true_opens_an_interactive_shell_with_the_pod_env(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    import os
+    import pty
+    import select
+    import subprocess
+    import time
+
+    from tests.e2e.harness import TPCONF, tpconf_env
+
+    ns = namespace
+    helloworld(cluster, ns)
+    write_config(
+        tmp_path,
+        f"version: 1\nnamespace: {ns}\ndeployments:\n  dev:\n    new: true\n    shell: true\n",
+    )
+    env = tpconf_env(cluster)
+    env["SHELL"] = "/bin/bash"
+    main, child = pty.openpty()
+    proc = subprocess.Popen(
+        [*TPCONF, "up"], cwd=tmp_path, env=env, stdin=child, stdout=child, stderr=child,
+        start_new_session=True,
+    )  # fmt: skip
+    os.close(child)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen:
+            assert time.monotonic() < deadline, (
+                f"no {marker!r} in:\n{seen.decode(errors='replace')}"
+            )
+            ready, _, _ = select.select([main], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(main, 65536)
+                except OSError:
+                    break
+
+    try:
+        read_until(b"[tpconf:dev]", 120)
+        os.write(
+            main, b"curl -s http://helloworld/ > page.html; echo $KUBERNETES_SERVICE_HOST > k.txt\n"
+        )
+        wait_until(lambda: (tmp_path / "k.txt").exists(), 30, "the shell to run the command")
+        os.write(main, b"exit\n")
+        read_until(b"shell exited; stopping", 30)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(main)
+    assert "Welcome to nginx!" in file_text(tmp_path / "page.html")
+    assert file_text(tmp_path / "k.txt").strip().startswith("10.")

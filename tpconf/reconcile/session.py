@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,6 +55,8 @@ class Session:
     owner: str = field(default_factory=cluster.default_owner)
     kubeconfig: str | None = None
     kubectl: str = field(default_factory=find_kubectl)
+    request_stop: Callable[[], None] = lambda: None
+    """Ends the session as a signal would (an interactive shell that exits calls it)."""
     vpn: SharedVpn | None = None
     """The session's VPN, shared by the vpn-tcp deployments (set by the reconciler)."""
     _clusters: dict[tuple[str | None, str | None], cluster.Cluster] = field(default_factory=dict)

@@ -31,6 +31,7 @@ from tpconf.supervisor import (
     pod_environment,
     process_environment,
     run_process,
+    run_shell,
     write_export,
 )
 from tpconf.tunnel import (
@@ -309,7 +310,7 @@ def process_env(rt: Runtime) -> dict[str, str]:
 async def process_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
     """`run`: the local command, supervised; it is not restarted when it exits (compose-like)."""
     spec = rt.spec
-    if spec.run is None:
+    if spec.run is None and not spec.shell:
         rt.process_state = "none"
         task_status.started()
         await anyio.sleep_forever()
@@ -324,6 +325,14 @@ async def process_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
         if spec.volumes is not None and spec.volumes.real_paths and rt.volume_root:
             # proot outermost: the torsocks wrapper and the command see the pod's paths.
             prefix = (*volumes.real_path_wrapper(rt.volume_root, rt.volume_mounts), *prefix)
+
+        def exited(result: ProcessExit) -> None:
+            rt.process_exit = result
+            rt.process_state = "stopped" if result.stopped else result.describe()
+
+        if spec.shell:
+            await _interactive_shell(rt, env, prefix, exited, task_status)
+            return
         argv = spec.run if isinstance(spec.run, tuple) else ()
         shell = spec.run if isinstance(spec.run, str) else None
         process = ProcessSpec(
@@ -334,11 +343,6 @@ async def process_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
             cwd=str(rt.session.project_dir),
             wrapper=prefix,
         )
-
-        def exited(result: ProcessExit) -> None:
-            rt.process_exit = result
-            rt.process_state = "stopped" if result.stopped else result.describe()
-
         async with anyio.create_task_group() as tg:
             pid = await tg.start(
                 partial(run_process, output=rt.session.output, on_exit=exited), process
@@ -346,3 +350,25 @@ async def process_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
             rt.process_state = f"running (pid {pid})"
             task_status.started()
         await anyio.sleep_forever()
+
+
+async def _interactive_shell(
+    rt: Runtime,
+    env: dict[str, str],
+    prefix: tuple[str, ...],
+    exited: Callable[[ProcessExit], None],
+    task_status: TaskStatus[None],
+) -> None:
+    """`shell: true`: the user's shell on this terminal; leaving it ends `tpconf up` (like v1)."""
+
+    async def shell(*, task_status: TaskStatus[int]) -> None:
+        cwd = str(rt.session.project_dir)
+        exited(await run_shell(rt.name, env, cwd=cwd, wrapper=prefix, task_status=task_status))
+
+    async with anyio.create_task_group() as tg:
+        pid = await tg.start(shell)
+        rt.process_state = f"interactive shell (pid {pid})"
+        task_status.started()
+    rt.session.notice(rt.name, "shell exited; stopping")
+    rt.session.request_stop()
+    await anyio.sleep_forever()

@@ -97,6 +97,7 @@ async def run_up(
             except OSError as exc:
                 log.debug("cannot write state file: %s", exc)
 
+        session.request_stop = stop.set
         reconciler = Reconciler(root, session, on_change=changed)
         root.start_soon(_signals, stop, root.cancel_scope)
         await root.start(control.serve, session.state_dir, partial(_control, reconciler))
