@@ -53,6 +53,8 @@ class FakeNameserver:
     drop: set[str] = field(default_factory=set)
     """Names never answered."""
     servfail: set[str] = field(default_factory=set)
+    truncate_udp: set[str] = field(default_factory=set)
+    """Names answered over UDP with an empty truncated (TC) reply: ask again over TCP."""
     close_after: int | None = None
     """Close each TCP connection after this many answers (CoreDNS closes after 128)."""
     questions: list[tuple[str, int]] = field(default_factory=list)
@@ -67,7 +69,7 @@ class FakeNameserver:
     def count(self, name: str, qtype: int = QTYPE.A) -> int:
         return self.questions.count((name, qtype))
 
-    async def respond(self, packet: bytes) -> bytes | None:
+    async def respond(self, packet: bytes, *, udp: bool = False) -> bytes | None:
         request = DNSRecord.parse(packet)
         name, qtype = str(request.q.qname).lower(), request.q.qtype
         self.questions.append((name, qtype))
@@ -75,7 +77,9 @@ class FakeNameserver:
         if name in self.drop:
             return None
         reply = request.reply()
-        if name in self.servfail:
+        if udp and name in self.truncate_udp:
+            reply.header.tc = 1
+        elif name in self.servfail:
             reply.header.rcode = RCODE.SERVFAIL
         elif (name, qtype) in self.zone:
             for rr in self.zone[(name, qtype)]:
@@ -94,8 +98,10 @@ class FakeNameserver:
             )
         return bytes(reply.pack())
 
-    async def serve_tcp(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async def serve_tcp(
+        self, port: int = 0, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
         async with listener:
             self.port = listener.extra(SocketAttribute.local_port)
             task_status.started(self.port)
@@ -116,17 +122,21 @@ class FakeNameserver:
             except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
                 pass
 
-    async def serve_udp(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def serve_udp(
+        self, port: int = 0, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         async with (
-            await anyio.create_udp_socket(family=socket.AF_INET, local_host="127.0.0.1") as udp,
+            await anyio.create_udp_socket(
+                family=socket.AF_INET, local_host="127.0.0.1", local_port=port
+            ) as udp,
             anyio.create_task_group() as tg,
         ):
             task_status.started(udp.extra(SocketAttribute.local_port))
-            async for packet, (host, port) in udp:
-                tg.start_soon(self._udp_query, udp, packet, host, port)
+            async for packet, (host, client_port) in udp:
+                tg.start_soon(self._udp_query, udp, packet, host, client_port)
 
     async def _udp_query(self, udp: UDPSocket, packet: bytes, host: str, port: int) -> None:
-        reply = await self.respond(packet)
+        reply = await self.respond(packet, udp=True)
         if reply is not None:
             await udp.sendto(reply, host, port)
 

@@ -1,19 +1,38 @@
-"""DnsServer over real UDP and TCP: cluster names via the resolver, the rest to an upstream."""
+"""DnsServer over real UDP and TCP: cluster names via the resolver, the rest to an upstream.
+
+The upstream-mark tests need root: they run the server in a network namespace of their own whose
+iptables rule redirects unmarked DNS traffic to a wrong nameserver (``dns_netns_helper.py``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import pytest
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSRecord
 
-from tests.proxy.fakes import HELLO, HELLO_IP, FakeNameserver, tcp_ask, udp_ask
+from tests.proxy.fakes import HELLO, HELLO_IP, FakeClock, FakeNameserver, tcp_ask, udp_ask
+from tpconf.methods.routing import DNS_UPSTREAM_MARK
 from tpconf.proxy.dnsserver import DnsServer, reverse_address
 from tpconf.proxy.resolver import ClusterResolver
 
 pytestmark = pytest.mark.anyio
+
+REPO = Path(__file__).resolve().parents[2]
+root = pytest.mark.root
+skip_unless_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root: network namespaces, iptables, SO_MARK"
+)
 
 
 @dataclass
@@ -21,6 +40,7 @@ class Setup:
     port: int
     upstream: FakeNameserver
     cluster: FakeNameserver
+    server: DnsServer
 
 
 @pytest.fixture
@@ -36,7 +56,7 @@ async def dns(resolver: ClusterResolver, nameserver: FakeNameserver) -> AsyncIte
             timeout=0.5,
         )
         port = await tg.start(server.serve)
-        yield Setup(port, upstream, nameserver)
+        yield Setup(port, upstream, nameserver, server)
         tg.cancel_scope.cancel()
 
 
@@ -141,8 +161,225 @@ async def test_large_answers_are_truncated_over_udp_and_complete_over_tcp(dns: S
     with anyio.fail_after(2):
         udp = await udp_ask(dns.port, "big.default.svc.cluster.local.")
         tcp = await tcp_ask(dns.port, "big.default.svc.cluster.local.")
-    assert udp.header.tc == 1
-    assert len(addresses(tcp)) == 40
+        again_udp = await udp_ask(dns.port, "big.default.svc.cluster.local.")  # reply cache
+        again_tcp = await tcp_ask(dns.port, "big.default.svc.cluster.local.")
+    assert udp.header.tc == again_udp.header.tc == 1
+    assert len(addresses(tcp)) == len(addresses(again_tcp)) == 40
+
+
+# -- the reply cache --------------------------------------------------------------------------
+
+
+def query(name: str, qtype: str = "A", *, qid: int = 1, rd: bool = True, edns: int = 0) -> bytes:
+    record = DNSRecord(DNSHeader(id=qid, rd=int(rd)), q=DNSRecord.question(name, qtype).q)
+    if edns:
+        record.add_ar(EDNS0(udp_len=edns))
+    return bytes(record.pack())
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        HELLO,
+        "hello.",
+        "_http._tcp.hello.default.",
+        "1.1.96.10.in-addr.arpa.",
+        "nosuch.default.svc.cluster.local.",
+    ],
+)
+async def test_cached_replies_are_the_replies_built_afresh_with_the_clients_id_and_flags(
+    dns: Setup, name: str
+) -> None:
+    qtype = "SRV" if name.startswith("_") else "PTR" if name.endswith("arpa.") else "A"
+    with anyio.fail_after(2):
+        await dns.server.answer(query(name, qtype, qid=1))
+    for qid, rd, edns in ((2, True, 0), (0xBEEF, False, 1232)):
+        packet = query(name, qtype, qid=qid, rd=rd, edns=edns)
+        cached = dns.server.cached_reply(packet)
+        assert cached is not None
+        dns.server._replies.clear()
+        assert cached == await dns.server.answer(packet)
+
+
+async def test_cached_replies_echo_the_question_as_the_client_wrote_it(dns: Setup) -> None:
+    with anyio.fail_after(2):
+        await udp_ask(dns.port, "hello.default.")
+        reply = await udp_ask(dns.port, "HeLLo.DEFAULT.", qid=77)
+        fqdn = await udp_ask(dns.port, HELLO.upper(), qid=78)
+    assert (reply.header.id, str(reply.q.qname)) == (77, "HeLLo.DEFAULT.")
+    assert [(str(rr.rname), str(rr.rdata)) for rr in reply.rr] == [("HeLLo.DEFAULT.", HELLO_IP)]
+    assert (fqdn.header.id, str(fqdn.q.qname), addresses(fqdn)) == (78, HELLO.upper(), [HELLO_IP])
+    assert dns.cluster.count(HELLO) == 1
+
+
+async def test_cached_replies_count_their_ttl_down_and_expire_with_the_answer(
+    dns: Setup, clock: FakeClock
+) -> None:
+    ttls = []
+    for step in (0, 0.4, 0.7, 1.0, 2.0, 1.5, 0.5):  # the answer lives 5 s
+        clock.advance(step)
+        with anyio.fail_after(2):
+            reply = await udp_ask(dns.port, "hello.")
+        ttls.append(reply.rr[0].ttl)
+    assert ttls == [5, 4, 3, 2, 0, 5, 4]  # at 5.6 s the cluster was asked again
+    assert dns.cluster.count(HELLO) == 2
+
+
+async def test_a_reply_is_not_reused_once_the_resolver_dropped_its_answer(
+    dns: Setup, resolver: ClusterResolver
+) -> None:
+    with anyio.fail_after(2):
+        assert addresses(await udp_ask(dns.port, HELLO)) == [HELLO_IP]
+        resolver._cache.clear()
+        dns.cluster.zone[(HELLO, QTYPE.A)].clear()
+        dns.cluster.add(f"{HELLO} 5 IN A 10.96.1.2")
+        assert addresses(await udp_ask(dns.port, HELLO)) == ["10.96.1.2"]
+
+
+async def test_a_short_name_found_further_down_the_search_list_is_rechecked_when_the_names_before_it_expire(
+    dns: Setup, clock: FakeClock
+) -> None:
+    dns.cluster.add("db.svc.cluster.local. 60 IN A 10.96.7.7")
+    with anyio.fail_after(2):
+        assert addresses(await udp_ask(dns.port, "db.")) == ["10.96.7.7"]
+        dns.cluster.add("db.default.svc.cluster.local. 60 IN A 10.96.8.8")  # created later
+        assert addresses(await udp_ask(dns.port, "db.")) == ["10.96.7.7"]  # NXDOMAIN cached
+        clock.advance(30)  # the NXDOMAIN of db.default.svc.cluster.local (SOA minimum 30 s)
+        assert addresses(await udp_ask(dns.port, "db.")) == ["10.96.8.8"]
+
+
+async def test_forwarded_answers_are_not_cached(dns: Setup) -> None:
+    with anyio.fail_after(2):
+        await udp_ask(dns.port, "upstream.example.")
+        await udp_ask(dns.port, "upstream.example.")
+    assert dns.upstream.count("upstream.example.") == 2
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        query(HELLO)[:2] + b"\x81\x00" + query(HELLO)[4:],  # a response
+        query(HELLO)[:2] + b"\x09\x00" + query(HELLO)[4:],  # opcode NOTIFY
+        query(HELLO)[:12] + b"\xc0\x0c",  # a pointer in the question
+        query(HELLO)[:-2],  # cut
+        b"\x00",
+    ],
+)
+async def test_packets_that_are_not_plain_queries_never_come_from_the_reply_cache(
+    dns: Setup, packet: bytes
+) -> None:
+    with anyio.fail_after(2):
+        await dns.server.answer(query(HELLO))
+    assert dns.server.cached_reply(query(HELLO, qid=9)) is not None
+    assert dns.server.cached_reply(packet) is None
+
+
+async def test_cached_path_latency_over_udp(dns: Setup) -> None:
+    """Prints the cached answer's latency with and without the reply cache (no assertion)."""
+    packet = query(HELLO)
+    times: dict[str, list[float]] = {"reply cache": [], "dnslib": []}
+    async with await anyio.create_connected_udp_socket("127.0.0.1", dns.port) as sock:
+        for _ in range(2000):
+            for path, samples in times.items():
+                if path == "dnslib":
+                    dns.server._replies.clear()
+                start = time.perf_counter()
+                await sock.send(packet)
+                await sock.receive()
+                samples.append((time.perf_counter() - start) * 1e3)
+    print(
+        "DnsServer cached answer over UDP, median: "
+        + ", ".join(f"{path} {statistics.median(xs):.3f} ms" for path, xs in times.items())
+    )
+
+
+# -- the upstream mark ------------------------------------------------------------------------
+
+
+async def test_the_upstream_mark_must_be_32_bits(resolver: ClusterResolver) -> None:
+    with pytest.raises(ValueError, match="32-bit"):
+        DnsServer(resolver, upstream=("127.0.0.1", 53), upstream_mark=1 << 32)
+
+
+def in_ns(ns: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *argv],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace whose nat OUTPUT sends unmarked DNS on port 53 to port 5300."""
+    ns = f"tpconf-test-dns-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, timeout=10)
+    try:
+        in_ns(ns, "ip", "link", "set", "lo", "up")
+        # An address besides 127/8: getaddrinfo(AI_ADDRCONFIG), which anyio uses to bind,
+        # finds no IPv4 in a namespace without one.
+        in_ns(ns, "ip", "addr", "add", "192.0.2.250/32", "dev", "lo")
+        for proto in ("udp", "tcp"):
+            in_ns(ns, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", proto, "--dport", "53",
+                  "-m", "mark", "!", "--mark", f"{DNS_UPSTREAM_MARK:#x}",
+                  "-j", "REDIRECT", "--to-ports", "5300")  # fmt: skip
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False, timeout=10)
+
+
+def run_helper(ns: str, mark: str) -> dict[str, list[object]]:
+    out = in_ns(ns, sys.executable, "-m", "tests.proxy.dns_netns_helper", mark)
+    result: dict[str, list[object]] = json.loads(out.stdout)
+    return result
+
+
+ASKED = [["upstream.example.", QTYPE.A], ["big.example.", QTYPE.A], ["big.example.", QTYPE.A]]
+
+
+@root
+@skip_unless_root
+def test_marked_upstream_queries_get_past_the_dns_redirect(netns: str) -> None:
+    result = run_helper(netns, f"{DNS_UPSTREAM_MARK:#x}")
+    assert result["udp"] == ["192.0.2.1"]
+    assert result["tcp"] == ["198.51.100.0", "198.51.100.1", "198.51.100.2"]  # the TCP retry
+    assert result["right"] == ASKED  # UDP, then UDP and TCP for the truncated one
+    assert result["wrong"] == []
+
+
+@root
+@skip_unless_root
+def test_without_the_mark_upstream_queries_would_be_redirected(netns: str) -> None:
+    result = run_helper(netns, "none")  # the control: the rule does catch unmarked queries
+    assert result["udp"] == ["192.0.2.66"]
+    assert result["tcp"] == ["203.0.113.0", "203.0.113.1", "203.0.113.2"]
+    assert (result["right"], result["wrong"]) == ([], ASKED)
+
+
+@root
+@skip_unless_root
+def test_without_cap_net_admin_a_marked_server_refuses_to_start() -> None:
+    code = (
+        "import anyio\n"
+        "from tpconf.errors import ProxyError\n"
+        "from tpconf.proxy.dnsserver import DnsServer\n"
+        "server = DnsServer(None, upstream=('127.0.0.1', 53), upstream_mark=0x54500000)\n"
+        "try:\n    anyio.run(server.serve)\n"
+        "except ProxyError as e:\n    print(e.render())\n"
+    )
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+         sys.executable, "-c", code],
+        check=False, capture_output=True, text=True, timeout=30, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert (
+        "cannot mark the DNS server's upstream queries with 0x54500000 (SO_MARK)" in out.stdout
+    ), out.stderr
+    assert "needs CAP_NET_ADMIN" in out.stdout
 
 
 def test_reverse_names_parse_to_addresses() -> None:

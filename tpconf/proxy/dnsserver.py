@@ -18,19 +18,40 @@ one) over UDP, with a TCP retry when a TCP client's answer came back truncated. 
 cannot be asked for rule 3 (tunnel down), the name is forwarded rather than failed: the machine's
 DNS must keep working. Replies keep the client's ID and question. No client is left waiting: a
 question that is not answered within ``timeout`` gets SERVFAIL.
+
+**Upstream mark.** The machine's DNS traffic is redirected here by the VPN, so the upstream
+queries of this server must not be: with ``upstream_mark``, every upstream socket (UDP, and the
+TCP retry) carries that firewall mark (``SO_MARK``, needs CAP_NET_ADMIN), which the VPN's
+redirect rules exempt. The value is the VPN's to choose and is passed in (this package does not
+import ``tpconf.methods``).
+
+**Reply cache.** The cluster's answers come from the resolver's cache, but building a reply with
+dnslib for each query costs more than the lookup. So the packed reply of a cluster answer is kept
+per question (name in lower case, type, class) and a repeated question is answered by copying it
+with the client's ID, RD bit and question bytes (the name's case as the client wrote it) patched
+in, without parsing the query with dnslib. An entry is used only while it is byte for byte what
+the slow path would build: while the resolver still holds the very answers it was built from
+(so a refreshed or dropped cache entry is noticed at once) and until the whole number of seconds
+left of the answer's TTL goes down by one (the TTLs in a reply are the time left in the cache, so
+they keep decreasing: an entry lives one second at most and is then built afresh). Upstream
+answers are never cached here: that is the upstream resolver's business.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
+import math
+import os
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.abc import SocketAttribute, TaskStatus
+from anyio.abc import ConnectedUDPSocket, SocketAttribute, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 from dnslib import QTYPE, DNSError, DNSHeader, DNSRecord
 
@@ -38,7 +59,7 @@ from tpconf import errors
 from tpconf.proxy.resolver import NOERROR, SERVFAIL, ResolveError, build_reply
 
 if TYPE_CHECKING:
-    from anyio.abc import SocketStream, UDPSocket
+    from anyio.abc import UDPSocket
 
     from tpconf.proxy.resolver import Answer, ClusterResolver
 
@@ -55,6 +76,12 @@ MAX_UDP_IN_FLIGHT = 512
 
 #: A TCP client that sends nothing for this long is disconnected (RFC 7766 suggests seconds).
 TCP_IDLE_TIMEOUT = 10.0
+
+#: Most packed replies kept for repeated questions (each lives one second at most).
+MAX_CACHED_REPLIES = 4096
+
+#: Byte 2 of a reply header (QR set, opcode 0, AA and TC clear) by the query's RD bit.
+_REPLY_FLAGS = (b"\x80", b"\x81")
 
 
 def reverse_address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -76,7 +103,9 @@ class DnsServer:
 
     ``upstream`` is the machine's original nameserver as ``(host, port)``. ``reverse_networks``
     are the routed CIDRs whose PTR names the cluster answers. ``port`` 0 picks a free port;
-    :meth:`serve` reports it.
+    :meth:`serve` reports it. ``upstream_mark``, when set, is the firewall mark (``SO_MARK``) of
+    every upstream socket, so the redirect of the machine's DNS traffic lets them through;
+    :meth:`serve` raises :class:`~tpconf.errors.ProxyError` at once if it cannot be set.
     """
 
     def __init__(
@@ -88,14 +117,19 @@ class DnsServer:
         reverse_networks: Sequence[str | Network] = (),
         port: int = 0,
         timeout: float = 2.0,
+        upstream_mark: int | None = None,
     ) -> None:
+        if upstream_mark is not None and not 0 <= upstream_mark < 1 << 32:
+            raise ValueError(f"upstream_mark must be a 32-bit value, not {upstream_mark:#x}")
         self.resolver = resolver
         self.upstream = upstream
         self.cluster_domain = cluster_domain.strip(".").lower()
         self.reverse_networks = [ipaddress.ip_network(n) for n in reverse_networks]
         self.port = port
         self.timeout = timeout
+        self.upstream_mark = upstream_mark
         self._udp_in_flight = 0
+        self._replies: dict[bytes, _CachedReply] = {}
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -118,6 +152,9 @@ class DnsServer:
 
     async def answer(self, packet: bytes, *, tcp: bool = False) -> bytes | None:
         """The reply to one DNS message; ``None`` when it cannot even be answered with an error."""
+        cached = self.cached_reply(packet, tcp=tcp)
+        if cached is not None:
+            return cached
         try:
             request = DNSRecord.parse(packet)
         except DNSError:
@@ -130,6 +167,8 @@ class DnsServer:
                 reply = await self._answer(packet, request, tcp=tcp)
             except (ResolveError, OSError, anyio.EndOfStream, anyio.IncompleteRead) as exc:
                 log.debug("DNS failed for %s: %s", request.q.qname if request.q else "?", exc)
+            except errors.ProxyError as exc:  # the upstream socket cannot be marked
+                log.warning("%s", exc.render())
         return reply if reply is not None else _servfail(request)
 
     async def _answer(self, packet: bytes, request: Any, *, tcp: bool) -> bytes:
@@ -139,7 +178,7 @@ class DnsServer:
         qtype = request.q.qtype
         if self.is_cluster_name(qname):
             answer = await self.resolver.query(qname, qtype)
-            return _fit(build_reply(request, answer, now=self.resolver.clock()), request, tcp=tcp)
+            return self._cluster_reply(packet, request, answer, tcp=tcp)
         names = self.search_candidates(qname)
         if names:
             found: Answer | None = None
@@ -148,22 +187,104 @@ class DnsServer:
             with anyio.move_on_after(self.timeout / 2), contextlib.suppress(ResolveError):
                 found = await self.resolver.first_answer(names, qtype, nodata_is_answer=True)
             if found is not None and found.rcode == NOERROR:
-                now = self.resolver.clock()
-                reply = build_reply(request, found, now=now, owner=request.q.qname)
-                return _fit(reply, request, tcp=tcp)
+                # The names before the one found decided the answer too (they had nothing).
+                before = names[: names.index(found.name)] if found.name in names else None
+                return self._cluster_reply(
+                    packet, request, found, tcp=tcp, owner=request.q.qname, before=before
+                )
         return await self.forward(packet, tcp=tcp)
+
+    def _cluster_reply(
+        self,
+        packet: bytes,
+        request: Any,
+        answer: Answer,
+        *,
+        tcp: bool,
+        owner: Any = None,
+        before: Sequence[str] | None = (),
+    ) -> bytes:
+        """Build the reply to ``request`` from ``answer``, remember it, fit it to the client.
+
+        ``before`` are the names whose (cached) answers were passed over for ``answer``; ``None``
+        when that is not known, and then the reply is not remembered.
+        """
+        now = self.resolver.clock()
+        data = bytes(build_reply(request, answer, now=now, owner=owner).pack())
+        if before is not None:
+            answers = [answer]
+            for name in before:
+                passed = self.resolver.cached(name, answer.qtype)
+                if passed is None:  # not cached (SERVFAIL): asked again next time
+                    break
+                answers.append(passed)
+            else:
+                # Right while the TTLs written (whole seconds left) are, and the answers live.
+                left = max(0, int(answer.expires - now))
+                expires = min(a.expires for a in answers)
+                until = min(answer.expires - left, math.nextafter(expires, -math.inf))
+                self._remember(packet, data, tuple(answers), until, now)
+        return _fit(data, request, tcp=tcp)
+
+    # -- the reply cache ----------------------------------------------------------------------
+
+    def cached_reply(self, packet: bytes, *, tcp: bool = False) -> bytes | None:
+        """The reply to ``packet`` from the reply cache, or ``None`` (:meth:`answer` it then).
+
+        Never raises; costs a few dictionary look-ups and a byte copy.
+        """
+        if not self._replies:
+            return None
+        question = _plain_question(packet)
+        if question is None:
+            return None
+        key, name_end, limit = question
+        entry = self._replies.get(key)
+        if entry is None:
+            return None
+        holds = self.resolver.holds
+        if self.resolver.clock() > entry.until or not all(map(holds, entry.answers)):
+            del self._replies[key]
+            return None
+        data = entry.data
+        if not tcp and len(data) > limit:
+            return None  # the slow path truncates it
+        return b"".join(
+            (
+                packet[:2],
+                _REPLY_FLAGS[packet[2] & 0x01],
+                data[3:12],
+                packet[12:name_end],
+                data[name_end:],
+            )
+        )
+
+    def _remember(
+        self, packet: bytes, data: bytes, answers: tuple[Answer, ...], until: float, now: float
+    ) -> None:
+        question = _plain_question(packet)
+        if question is None or now > until or not all(map(self.resolver.holds, answers)):
+            return
+        key, name_end, _ = question
+        if data[12:name_end].lower() != key[: name_end - 12]:
+            return  # dnslib wrote the question differently: the client's bytes cannot be patched in
+        if key not in self._replies and len(self._replies) >= MAX_CACHED_REPLIES:
+            for stale in [k for k, e in self._replies.items() if e.until < now]:
+                del self._replies[stale]
+            while len(self._replies) >= MAX_CACHED_REPLIES:
+                del self._replies[next(iter(self._replies))]
+        self._replies[key] = _CachedReply(data, answers, until)
 
     async def forward(self, packet: bytes, *, tcp: bool = False) -> bytes:
         """Send ``packet`` unchanged to the upstream resolver; its reply, unchanged."""
-        host, port = self.upstream
-        async with await anyio.create_connected_udp_socket(host, port) as sock:
+        async with await self._upstream_udp() as sock:
             await sock.send(packet)
             while True:
                 data = await sock.receive()
                 if data[:2] == packet[:2]:
                     break
         if tcp and len(data) > 2 and data[2] & 0x02:  # TC: the whole answer needs TCP
-            stream = await anyio.connect_tcp(host, port)
+            stream = await self._upstream_tcp()
             async with stream:
                 await stream.send(len(packet).to_bytes(2, "big") + packet)
                 reader = BufferedByteReceiveStream(stream)
@@ -171,10 +292,65 @@ class DnsServer:
                 data = await reader.receive_exactly(size)
         return data
 
+    async def _upstream_udp(self) -> ConnectedUDPSocket:
+        sock = await self._upstream_socket(socket.SOCK_DGRAM)
+        try:
+            return await ConnectedUDPSocket.from_socket(sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _upstream_tcp(self) -> SocketStream:
+        sock = await self._upstream_socket(socket.SOCK_STREAM)
+        try:
+            return await SocketStream.from_socket(sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _upstream_socket(self, kind: socket.SocketKind) -> socket.socket:
+        """A non-blocking socket connected to the upstream resolver, marked before it connects."""
+        host, port = self.upstream
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+            address: tuple[Any, ...] = (host, port)
+        except ValueError:  # a host name
+            family, _, _, _, address = (await anyio.getaddrinfo(host, port, type=kind))[0]
+        sock = socket.socket(family, kind)
+        try:
+            sock.setblocking(False)
+            if self.upstream_mark is not None:
+                self._mark(sock)
+            err = sock.connect_ex(address)
+            if err == errno.EINPROGRESS:
+                await anyio.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, f"upstream resolver {host}:{port}: {os.strerror(err)}")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _mark(self, sock: socket.socket) -> None:
+        assert self.upstream_mark is not None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.upstream_mark)
+        except OSError as exc:
+            raise errors.ProxyError(
+                f"cannot mark the DNS server's upstream queries with {self.upstream_mark:#x} "
+                f"(SO_MARK): {exc.strerror or exc}",
+                hint="setting a firewall mark needs CAP_NET_ADMIN: run vpn-tcp as root "
+                "(`sudo -E tpconf up`)",
+            ) from exc
+
     # -- transports ---------------------------------------------------------------------------
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve UDP and TCP on one loopback port until cancelled; ``started(port)`` once bound."""
+        if self.upstream_mark is not None:  # fail now, not on the first forwarded query
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                self._mark(probe)
         udp, tcp = await self._bind()
         async with udp, tcp, anyio.create_task_group() as tg:
             port = udp.extra(SocketAttribute.local_port)
@@ -182,6 +358,13 @@ class DnsServer:
             task_status.started(port)
             tg.start_soon(tcp.serve, self._tcp_client)
             async for packet, (host, client_port) in udp:
+                reply = self.cached_reply(packet)
+                if reply is not None:  # answered here: a task costs more than the answer
+                    try:
+                        await udp.sendto(reply, host, client_port)
+                    except Exception:  # one query's trouble never stops the server
+                        log.debug("DNS reply to %s:%d failed", host, client_port, exc_info=True)
+                    continue
                 if self._udp_in_flight >= MAX_UDP_IN_FLIGHT:
                     continue
                 self._udp_in_flight += 1
@@ -236,7 +419,12 @@ class DnsServer:
                         packet = await reader.receive_exactly(size)
                     if idle.cancelled_caught:
                         break
-                    tg.start_soon(one, packet)
+                    reply = self.cached_reply(packet, tcp=True)
+                    if reply is not None:
+                        async with lock:
+                            await stream.send(len(reply).to_bytes(2, "big") + reply)
+                    else:
+                        tg.start_soon(one, packet)
         except (anyio.EndOfStream, anyio.IncompleteRead):
             pass
         except Exception:  # one connection's trouble never stops the server
@@ -263,9 +451,8 @@ def _format_error(packet: bytes) -> bytes | None:
     return packet[:2] + flags + bytes(8)
 
 
-def _fit(reply: Any, request: Any, *, tcp: bool) -> bytes:
-    """Pack ``reply``; over UDP, one that does not fit the client's size is truncated (TC)."""
-    data = bytes(reply.pack())
+def _fit(data: bytes, request: Any, *, tcp: bool) -> bytes:
+    """``data``; over UDP, a reply that does not fit the client's size is truncated (TC)."""
     if tcp:
         return data
     limit = CLASSIC_UDP_SIZE
@@ -275,6 +462,45 @@ def _fit(reply: Any, request: Any, *, tcp: bool) -> bytes:
     if len(data) <= limit:
         return data
     header = DNSHeader(
-        id=request.header.id, qr=1, ra=1, rd=request.header.rd, tc=1, rcode=reply.header.rcode
+        id=request.header.id, qr=1, ra=1, rd=request.header.rd, tc=1, rcode=data[3] & 0x0F
     )
     return bytes(DNSRecord(header, q=request.q).pack())
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedReply:
+    """A packed reply built from the resolver's ``answers``, right until ``until`` (included)."""
+
+    data: bytes
+    answers: tuple[Answer, ...]
+    until: float
+
+
+def _plain_question(packet: bytes) -> tuple[bytes, int, int] | None:
+    """Read a plain query without dnslib: ``(key, end of the question's name, UDP size)``.
+
+    Plain: not a response, opcode QUERY, one question, nothing else but an optional EDNS OPT
+    record. The key is the question's wire bytes with the name in lower case (ASCII only, as DNS
+    compares names; label lengths are at most 63, below any letter). ``None`` for anything else.
+    """
+    n = len(packet)
+    if n < 17 or packet[2] & 0xF8 or packet[4:10] != b"\x00\x01\x00\x00\x00\x00":
+        return None
+    additional = (packet[10] << 8) | packet[11]
+    if additional > 1:
+        return None
+    i = 12
+    while i < n and (length := packet[i]):
+        if length > 63:  # a compression pointer or a reserved label type
+            return None
+        i += length + 1
+    name_end = i + 1
+    end = name_end + 4
+    if end > n:
+        return None
+    limit = CLASSIC_UDP_SIZE
+    if additional:
+        if n < end + 11 or packet[end : end + 3] != b"\x00\x00\x29":  # root name, type OPT
+            return None
+        limit = max(CLASSIC_UDP_SIZE, (packet[end + 3] << 8) | packet[end + 4])
+    return packet[12:name_end].lower() + packet[name_end:end], name_end, limit

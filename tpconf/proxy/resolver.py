@@ -439,6 +439,11 @@ class ClusterResolver:
             return answer
         return None
 
+    def holds(self, answer: Answer) -> bool:
+        """Whether ``answer`` is still the cache's entry for its question (not replaced, not
+        dropped); it says nothing about expiry, which the caller checks against ``expires``."""
+        return self._cache.get((answer.name, answer.qtype)) is answer
+
     def _flight(self, name: str, qtype: int) -> _Flight:
         key = (name, qtype)
         answer = self._cache.get(key)
