@@ -184,6 +184,11 @@ deployments:
         assert "exited with code 0" in up.wait_for(r"quickstart exited with code 0").group(0)
         status = tpconf(cluster, tmp_path, "status")
         assert "quickstart" in status and "inject-tcp" in status
+        dotenv = tpconf(cluster, tmp_path, "env", "quickstart")
+        assert re.search(r'^KUBERNETES_SERVICE_HOST="10\.', dotenv, re.MULTILINE), dotenv
+        assert 'FROM_THE_FILE="yes-it-is"' in dotenv
+        as_json = json.loads(tpconf(cluster, tmp_path, "env", "quickstart", "--format", "json"))
+        assert as_json["TELEPRESENCE_POD"].startswith("quickstart-")
     finally:
         assert up.stop() == 0, up.output[-3000:]
     assert "NotFound" in cluster.kubectl(
