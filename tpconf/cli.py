@@ -98,7 +98,8 @@ FILE_OPTION = click.option(
     "-f",
     "--file",
     "file",
-    type=click.Path(path_type=Path),
+    # Checks are left to the loader: its messages name the problem the tpconf way.
+    type=click.Path(path_type=Path, readable=False),
     default=None,
     help="The config file. Defaults to telepresence.yaml in this directory or the nearest parent.",
 )
