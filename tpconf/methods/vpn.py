@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 
 import anyio
-from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskStatus
+from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 
 from tpconf.errors import TpconfError
 from tpconf.methods.routing import (
@@ -36,18 +36,14 @@ from tpconf.methods.routing import (
     check_privileges,
     read_nameservers,
 )
-from tpconf.net import Dialer
+from tpconf.net import Dialer, relay
 
-__all__ = ["DNS_UPSTREAM_MARK", "VPN", "TransparentProxy", "original_destination", "relay"]
+__all__ = ["DNS_UPSTREAM_MARK", "VPN", "TransparentProxy", "original_destination"]
 
 log = logging.getLogger(__name__)
 
 #: ``SO_ORIGINAL_DST`` from ``<linux/netfilter_ipv4.h>`` (not exported by :mod:`socket`).
 SO_ORIGINAL_DST = 80
-
-#: Bytes read per receive while relaying. Large reads keep the per-chunk overhead (one SSH
-#: packet, one event-loop wakeup) small for bulk transfers.
-RELAY_BUFFER = 256 * 1024
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
@@ -55,29 +51,6 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port = struct.unpack_from("!H", raw, 2)[0]
     return socket.inet_ntoa(raw[4:8]), port
-
-
-async def relay(a: ByteStream, b: ByteStream, *, buffer_size: int = RELAY_BUFFER) -> None:
-    """Copy bytes both ways until both sides are done; an EOF is passed on as an EOF.
-
-    A reset or an error on either side ends both directions.
-    """
-
-    async def pump(src: ByteStream, dst: ByteStream) -> None:
-        try:
-            while True:
-                try:
-                    data = await src.receive(buffer_size)
-                except anyio.EndOfStream:
-                    await dst.send_eof()
-                    return
-                await dst.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            tg.cancel_scope.cancel()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(pump, a, b)
-        tg.start_soon(pump, b, a)
 
 
 def _reset(stream: SocketStream) -> None:

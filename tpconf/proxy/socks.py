@@ -31,6 +31,7 @@ import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskStatus
 
 from tpconf import errors
+from tpconf.net import relay
 from tpconf.proxy.resolver import ResolveError
 
 if TYPE_CHECKING:
@@ -44,9 +45,6 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 VERSION = 5
-
-#: Bytes read at once by the relay: as much as the event loop hands over in one go.
-RELAY_CHUNK = 256 * 1024
 
 
 class Method(IntEnum):
@@ -229,29 +227,6 @@ def reply_for(exc: BaseException) -> Reply:
         ):
             return Reply.CONNECTION_REFUSED
     return Reply.GENERAL_FAILURE
-
-
-async def relay(a: ByteStream, b: ByteStream, *, chunk: int = RELAY_CHUNK) -> None:
-    """Copy both ways until both directions have ended; EOF is passed on, not turned into close.
-
-    A broken side (reset, closed) stops both directions. The caller closes the streams.
-    """
-
-    async def pump(source: ByteStream, sink: ByteStream) -> None:
-        try:
-            while True:
-                try:
-                    data = await source.receive(chunk)
-                except anyio.EndOfStream:
-                    break
-                await sink.send(data)
-            await sink.send_eof()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            tg.cancel_scope.cancel()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(pump, a, b)
-        tg.start_soon(pump, b, a)
 
 
 # -- server -----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from anyio.abc import ByteStream, Process, TaskStatus
 from anyio.streams.stapled import StapledByteStream
 
 from tpconf.errors import PrivilegeError, TpconfError
+from tpconf.net import relay
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ SftpOpener = Callable[[], Awaitable[ByteStream]]
 #: The "host" in sshfs's source, ``tpconf:/remote/path``: shows in ``mount`` and marks a mount
 #: as tpconf's for :func:`remove_leftover_mounts`.
 SOURCE_HOST = "tpconf"
-
-PUMP_BUFFER = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -174,24 +173,6 @@ async def command_stream(argv: Sequence[str]) -> _ProcessStream:
     return _ProcessStream(process)
 
 
-async def _pump(a: ByteStream, b: ByteStream) -> None:
-    async def one_way(src: ByteStream, dst: ByteStream) -> None:
-        try:
-            while True:
-                try:
-                    data = await src.receive(PUMP_BUFFER)
-                except anyio.EndOfStream:
-                    await dst.send_eof()
-                    return
-                await dst.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            tg.cancel_scope.cancel()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(one_way, a, b)
-        tg.start_soon(one_way, b, a)
-
-
 @functools.cache
 def _knows_option(sshfs: str, option: str) -> bool:
     """Whether this sshfs build lists ``option`` in its help (some patched builds add options)."""
@@ -246,7 +227,7 @@ async def _mount_once(
     mounted = False
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_pump, stream, local)
+            tg.start_soon(relay, stream, local)
             tg.start_soon(collect_stderr)
             with anyio.move_on_after(ready_timeout):
                 # the kernel's mount table has no event to wait on: poll it
