@@ -23,6 +23,12 @@ class Sizes:
     transport_runs: int
     tuning_bytes: int
     tuning_runs: int
+    up_counts: tuple[int, ...]
+    """Deployments per ``tpconf up`` start-up row."""
+    up_runs: int
+    reload_edits: int
+    volume_bytes: int
+    volume_runs: int
 
 
 FULL = Sizes(
@@ -35,6 +41,11 @@ FULL = Sizes(
     transport_runs=3,
     tuning_bytes=100 * 1000 * 1000,
     tuning_runs=3,
+    up_counts=(1, 3, 10),
+    up_runs=5,
+    reload_edits=5,
+    volume_bytes=50 * 1000 * 1000,
+    volume_runs=5,
 )
 QUICK = Sizes(
     rtt_count=5,
@@ -46,6 +57,11 @@ QUICK = Sizes(
     transport_runs=1,
     tuning_bytes=1 * 1000 * 1000,
     tuning_runs=1,
+    up_counts=(1,),
+    up_runs=1,
+    reload_edits=1,
+    volume_bytes=5 * 1000 * 1000,
+    volume_runs=1,
 )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from bench import dns, net, pending, startup, transport, tuning
+from bench import dns, net, startup, transport, tuning, up
 from bench.context import FULL, QUICK, Bench
 from bench.kube import bench_namespace
 
@@ -41,9 +41,9 @@ MEASUREMENTS: list[tuple[str, Measure]] = [
     ("transport", transport.transport),
     ("startup", startup.startup),
     ("tuning", tuning.tuning),
-    ("up", pending.tpconf_up),
-    ("reload", pending.hot_reload),
-    ("volumes", pending.volumes),
+    ("up", up.tpconf_up),
+    ("reload", up.hot_reload),
+    ("volumes", up.volumes),
 ]
 GROUPS = {"rtt": "net", "bulk": "net", "concurrency": "net"}
 

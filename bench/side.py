@@ -8,7 +8,7 @@ Reads one JSON line of :class:`SideConfig` on stdin, then:
 2. opens the SSH connection with ``tpconf.tunnel.open_tunnel`` and reads the pod info;
 3. serves, on 127.0.0.1: the inject-tcp SOCKS server (``tpconf.proxy.SocksServer`` +
    ``ClusterResolver`` over the tunnel), and a plain forward (each connection = one
-   ``direct-tcpip`` channel to ``fwd_target``, relayed with ``tpconf.proxy.socks.relay``) that
+   ``direct-tcpip`` channel to ``fwd_target``, relayed with ``tpconf.net.relay``) that
    measures the tunnel without SOCKS;
 4. prints one JSON line (ports and timings) and runs until stdin closes.
 
@@ -36,8 +36,8 @@ from anyio.abc import ByteStream, SocketAttribute
 import tpconf.tunnel.connection as tunnel_connection
 from bench.kube import client, config
 from bench.proto import coalesce_writes, open_tunnel_on_socket
+from tpconf.net import relay
 from tpconf.proxy import ClusterResolver, SocksServer
-from tpconf.proxy.socks import relay
 from tpconf.tunnel import (
     Credentials,
     Endpoint,
@@ -121,9 +121,9 @@ async def main() -> None:
     if cfg.ciphers:
         tunnel_connection.CIPHERS = tuple(cfg.ciphers)  # type: ignore[assignment]  # prototype: the cipher preference
     if cfg.relay_chunk:
-        import tpconf.proxy.socks as socks_module
-
-        socks_module.RELAY_CHUNK = cfg.relay_chunk
+        # The chunk is a keyword default of the one relay (tpconf.net) that SOCKS also uses.
+        assert relay.__kwdefaults__ is not None
+        relay.__kwdefaults__["chunk"] = cfg.relay_chunk
     overrides: dict[str, int] = {}
     if cfg.window:
         overrides["channel_window"] = cfg.window
