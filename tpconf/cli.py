@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import click
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tpconf import __version__, cluster, volumes
+from tpconf import __version__
 from tpconf.config import (
     ConfigWarning,
     DeploymentSpec,
@@ -37,13 +38,17 @@ from tpconf.config import (
 )
 from tpconf.config.schema import DOCS_PATH, SCHEMA_PATH, docs_text, schema_text
 from tpconf.errors import ConfigError, TpconfError
-from tpconf.methods import routing
 from tpconf.reconcile import control, state
 from tpconf.reconcile.plan import Plan, facets_of
 from tpconf.reconcile.plan import plan as build_plan
-from tpconf.reconcile.session import Session
-from tpconf.reconcile.up import Reporter, run_up
+from tpconf.reconcile.reporting import Reporter
 from tpconf.supervisor import ConsoleSink, to_dotenv, to_json
+
+if TYPE_CHECKING:
+    from tpconf.reconcile.session import Session
+
+# The Kubernetes client and the SSH library take most of a second to import: commands that talk
+# to the cluster import them when they run (`validate`, `plan`, `schema` stay instant).
 
 #: Exit codes: 2 is also click's code for a bad command line.
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -202,6 +207,8 @@ def status_table(snapshot: state.Snapshot) -> Table:
 
 
 def _session(path: Path) -> Session:
+    from tpconf.reconcile.session import Session
+
     output = ConsoleSink()
     return Session(project_dir=path.resolve().parent, output=output)
 
@@ -211,6 +218,8 @@ def _session(path: Path) -> Session:
 @click.option("--no-watch", is_flag=True, help="Do not follow edits of the file.")
 def up(file: Path | None, no_watch: bool) -> int:
     """Start every deployment of the file and keep them in line with it until Ctrl-C."""
+    from tpconf.reconcile.up import run_up
+
     path = file if file is not None else find_config_file()
     session = _session(path)
     return anyio.run(
@@ -274,6 +283,8 @@ def describe_deployment(spec: DeploymentSpec) -> list[str]:
 @click.option("--all", "everything", is_flag=True, help="Every tpconf object in the namespaces.")
 def down(file: Path | None, everything: bool) -> None:
     """Restore swapped Deployments and delete what tpconf left in the cluster (even after a crash)."""
+    from tpconf import cluster
+
     path = file if file is not None else find_config_file()
     project = load_project(path)
     session = _session(path)
@@ -309,6 +320,9 @@ def down(file: Path | None, everything: bool) -> None:
 
 async def local_leftovers() -> list[str]:
     """What a crashed `up` left on this machine: vpn-tcp rules and DNS redirect, sshfs mounts."""
+    from tpconf import volumes
+    from tpconf.methods import routing
+
     lines = [f"unmounted {path}" for path in await volumes.remove_leftover_mounts()]
     try:
         chains = await routing.remove_leftovers()

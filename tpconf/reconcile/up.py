@@ -17,25 +17,15 @@ from pathlib import Path
 
 import anyio
 
-from tpconf.config import ConfigWarning, Project, load_project
+from tpconf.config import Project, load_project
 from tpconf.errors import ConfigError, TpconfError
 from tpconf.reconcile import control, state
 from tpconf.reconcile.loop import Reconciler
-from tpconf.reconcile.plan import Plan
+from tpconf.reconcile.reporting import Reporter
 from tpconf.reconcile.session import Session
 from tpconf.reconcile.watch import config_changes
 
 log = logging.getLogger(__name__)
-
-
-class Reporter:
-    """What ``up`` tells the user; the CLI implements it (the reconcile layer renders nothing)."""
-
-    def warnings(self, warnings: tuple[ConfigWarning, ...]) -> None: ...
-    def plan(self, plan: Plan) -> None: ...
-    def status(self, snapshot: state.Snapshot) -> None: ...
-    def config_error(self, error: ConfigError) -> None: ...
-    def message(self, text: str) -> None: ...
 
 
 def snapshot(

@@ -1,0 +1,22 @@
+"""What `tpconf up` reports, as an interface: the CLI renders it (this layer renders nothing).
+
+Kept apart from ``up.py`` so that the CLI can implement it without importing the whole runtime
+(the Kubernetes client and the SSH library) for commands that do not need it.
+"""
+
+from __future__ import annotations
+
+from tpconf.config import ConfigWarning
+from tpconf.errors import ConfigError
+from tpconf.reconcile import state
+from tpconf.reconcile.plan import Plan
+
+
+class Reporter:
+    """What ``up`` tells the user; the CLI implements it (the reconcile layer renders nothing)."""
+
+    def warnings(self, warnings: tuple[ConfigWarning, ...]) -> None: ...
+    def plan(self, plan: Plan) -> None: ...
+    def status(self, snapshot: state.Snapshot) -> None: ...
+    def config_error(self, error: ConfigError) -> None: ...
+    def message(self, text: str) -> None: ...
