@@ -57,9 +57,12 @@ cluster-down:
 agent-image:
 	tests/cluster/load-image.sh tpconf/agent tpconf/agent:0.1.0
 
+# The local cluster, its helloworld Service, then `tpconf up` on ./telepresence.yaml (Ctrl-C ends it;
+# the cluster keeps running: `make cluster-down`). The cluster's own kubectl goes first on PATH.
 demo: install cluster agent-image
 	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} tests/cluster/demo-setup.sh
-	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} $(BIN)/tpconf up
+	PATH=/var/lib/tpconf-cluster/bin:$$PATH KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} \
+		$(BIN)/tpconf up
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
