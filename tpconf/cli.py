@@ -340,10 +340,13 @@ def status(file: Path | None) -> int:
     path = file if file is not None else find_config_file()
     snapshot = state.read(path.resolve().parent / ".tpconf")
     console = _console(stderr=False)
+    if snapshot is not None and snapshot.alive:
+        console.print(f"tpconf up is running (pid {snapshot.pid}, session {snapshot.session})")
+        print_status(snapshot)
+        return EXIT_OK
     if snapshot is None:
         console.print("tpconf up is not running here")
-        return EXIT_FAILURE
-    if not snapshot.alive:
+    else:
         console.print(
             Text(
                 f"tpconf up (pid {snapshot.pid}) ended without cleaning up; "
@@ -352,10 +355,37 @@ def status(file: Path | None) -> int:
             )
         )
         print_status(snapshot)
-        return EXIT_FAILURE
-    console.print(f"tpconf up is running (pid {snapshot.pid}, session {snapshot.session})")
-    print_status(snapshot)
-    return EXIT_OK
+    left = anyio.run(partial(cluster_leftovers, path), backend="asyncio")
+    if left:
+        console.print("left in the cluster by this project (`tpconf down` cleans up):")
+        for line in left:
+            console.print(f"  {line}")
+    return EXIT_FAILURE
+
+
+async def cluster_leftovers(path: Path) -> list[str]:
+    """What this project and user have in the cluster (nothing, or a note, if unreachable)."""
+    from tpconf import cluster
+
+    try:
+        project = load_project(path)
+        session = _session(path)
+        lines: list[str] = []
+        targets = {(d.context, d.namespace) for d in project.deployments}
+        with anyio.fail_after(15):
+            for context, namespace in sorted(targets, key=str):
+                client = await session.cluster(context, namespace)
+                found = await cluster.leftovers(
+                    client,
+                    [namespace or client.namespace],
+                    owner=session.owner,
+                    project=session.project,
+                )
+                lines.extend(found.lines())
+    except (TpconfError, TimeoutError) as exc:
+        message = exc.render() if isinstance(exc, TpconfError) else "timed out"
+        return [f"(could not check the cluster: {message})"]
+    return lines
 
 
 @cli.command()

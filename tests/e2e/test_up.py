@@ -372,6 +372,8 @@ deployments:
     status = run_tpconf(cluster, tmp_path, "status")
     assert status.returncode == 1
     assert "ended without cleaning up" in status.stdout and "tpconf down" in status.stdout
+    assert f'swapped Deployment "web" in namespace "{ns}"' in status.stdout, status.stdout
+    assert f'Deployment "extra" in namespace "{ns}"' in status.stdout
     out = tpconf(cluster, tmp_path, "down")
     assert "restored" in out and "deleted" in out, out
     assert replicas(cluster, ns, "web") == "2"

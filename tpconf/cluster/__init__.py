@@ -29,8 +29,10 @@ from tpconf.cluster.model import (
 )
 from tpconf.cluster.networks import ClusterNetworks, discover_networks
 from tpconf.cluster.operations import (
+    Leftovers,
     down,
     existing,
+    leftovers,
     new,
     preflight,
     restore,
@@ -46,6 +48,7 @@ __all__ = [
     "ClusterNetworks",
     "DownReport",
     "Existing",
+    "Leftovers",
     "New",
     "Operation",
     "PodRef",
@@ -58,6 +61,7 @@ __all__ = [
     "down",
     "existing",
     "from_token",
+    "leftovers",
     "new",
     "preflight",
     "project_id",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -474,6 +475,54 @@ async def stop(cluster: Cluster, req: ProxyRequest, *, progress: Progress = _qui
     return done
 
 
+@dataclass(frozen=True)
+class Leftovers:
+    """What this owner and project (or, with ``all``, anyone) has in the cluster right now."""
+
+    swapped: tuple[tuple[str, str], ...] = ()
+    """(namespace, Deployment) pairs that are swapped."""
+    objects: tuple[tuple[str, str, str], ...] = ()
+    """(kind, namespace, name) of the Deployments, Services and Secrets tpconf created."""
+
+    def lines(self) -> list[str]:
+        """Human-readable lines, for `tpconf status`."""
+        return [f"swapped {_describe('deployments', name, ns)}" for ns, name in self.swapped] + [
+            _describe(kind, name, ns) for kind, ns, name in self.objects
+        ]
+
+
+async def leftovers(
+    cluster: Cluster, namespaces: Iterable[str], *, owner: str, project: str, all: bool = False
+) -> Leftovers:
+    """Find, without changing anything, what :func:`down` would restore and delete."""
+    swapped: list[tuple[str, str]] = []
+    objects: list[tuple[str, str, str]] = []
+    for ns in dict.fromkeys(namespaces):
+        deployments = await cluster.request(
+            "GET", path("deployments", ns), what=f'list the Deployments in namespace "{ns}"'
+        )
+        for dep in deployments.get("items") or []:
+            annotations = dep["metadata"].get("annotations") or {}
+            if L.SWAPPED_BY not in annotations:
+                continue
+            if all or L.is_our_swap(annotations, owner=owner, project=project):
+                swapped.append((ns, dep["metadata"]["name"]))
+        for kind in ("deployments", "services", "secrets"):
+            listing = await cluster.request(
+                "GET",
+                path(kind, ns),
+                what=f'list the {_KINDS[kind]}s of tpconf in namespace "{ns}"',
+                query={"labelSelector": L.MANAGED_SELECTOR},
+            )
+            for item in listing.get("items") or []:
+                meta = item["metadata"]
+                if not all and not L.is_ours(meta.get("annotations"), owner=owner, project=project):
+                    continue
+                if not meta.get("deletionTimestamp"):
+                    objects.append((kind, ns, meta["name"]))
+    return Leftovers(tuple(swapped), tuple(objects))
+
+
 async def down(
     cluster: Cluster,
     namespaces: Iterable[str],
@@ -490,35 +539,17 @@ async def down(
     whoever created it. Idempotent: a second run reports nothing.
     """
     report = DownReport()
-    for ns in dict.fromkeys(namespaces):
-        deployments = await cluster.request(
-            "GET", path("deployments", ns), what=f'list the Deployments in namespace "{ns}"'
-        )
-        for dep in deployments.get("items") or []:
-            annotations = dep["metadata"].get("annotations") or {}
-            if L.SWAPPED_BY not in annotations:
-                continue
-            if not all and not L.is_our_swap(annotations, owner=owner, project=project):
-                continue
-            done = await restore(cluster, ns, dep["metadata"]["name"], progress=progress)
-            report.restored.extend(d for d in done if not d.startswith("proxy "))
-            report.deleted.extend(d.removeprefix("proxy ") for d in done if d.startswith("proxy "))
-        for kind in ("deployments", "services", "secrets"):
-            listing = await cluster.request(
-                "GET",
-                path(kind, ns),
-                what=f'list the {_KINDS[kind]}s of tpconf in namespace "{ns}"',
-                query={"labelSelector": L.MANAGED_SELECTOR},
-            )
-            for item in listing.get("items") or []:
-                meta = item["metadata"]
-                if not all and not L.is_ours(meta.get("annotations"), owner=owner, project=project):
-                    continue
-                if meta.get("deletionTimestamp"):
-                    continue
-                progress(f"deleting {_describe(kind, meta['name'], ns)}")
-                if await _delete(cluster, kind, ns, meta["name"]):
-                    report.deleted.append(_describe(kind, meta["name"], ns))
+    found = await leftovers(cluster, namespaces, owner=owner, project=project, all=all)
+    for ns, name in found.swapped:
+        done = await restore(cluster, ns, name, progress=progress)
+        report.restored.extend(d for d in done if not d.startswith("proxy "))
+        report.deleted.extend(d.removeprefix("proxy ") for d in done if d.startswith("proxy "))
+    if found.swapped:  # the restores deleted their proxies: look again
+        found = await leftovers(cluster, namespaces, owner=owner, project=project, all=all)
+    for kind, ns, name in found.objects:
+        progress(f"deleting {_describe(kind, name, ns)}")
+        if await _delete(cluster, kind, ns, name):
+            report.deleted.append(_describe(kind, name, ns))
     return report
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from tpconf import cluster
+from tpconf.cluster import Cluster
 from tpconf.errors import TpconfError
 from tpconf.supervisor import OutputSink
 
@@ -59,8 +60,9 @@ class Session:
     """Ends the session as a signal would (an interactive shell that exits calls it)."""
     vpn: SharedVpn | None = None
     """The session's VPN, shared by the vpn-tcp deployments (set by the reconciler)."""
-    _clusters: dict[tuple[str | None, str | None], cluster.Cluster] = field(default_factory=dict)
+    _clusters: dict[tuple[str | None, str | None], Cluster] = field(default_factory=dict)
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
+    _checked: set[tuple[int, str, type]] = field(default_factory=set)
 
     @property
     def project(self) -> str:
@@ -72,7 +74,7 @@ class Session:
         """Where tpconf keeps per-project files (volume roots default here too)."""
         return self.project_dir / ".tpconf"
 
-    async def cluster(self, context: str | None, namespace: str | None) -> cluster.Cluster:
+    async def cluster(self, context: str | None, namespace: str | None) -> Cluster:
         """The API client for a context and namespace (``None``: the kubeconfig's current)."""
         key = (context, namespace)
         async with self._lock:
@@ -83,6 +85,13 @@ class Session:
                     )
                 )
             return self._clusters[key]
+
+    async def preflight(self, client: Cluster, namespace: str, operation: type) -> None:
+        """Check RBAC once per namespace and operation: a missing verb is named up front."""
+        key = (id(client), namespace, operation)
+        if key not in self._checked:
+            await cluster.preflight(client, namespace, operations=(operation,))
+            self._checked.add(key)
 
     def notice(self, name: str, text: str) -> None:
         """A progress line for one deployment, in the compose-style output."""

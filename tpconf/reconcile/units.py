@@ -141,6 +141,7 @@ async def proxy_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
     )
     rt.client, rt.keys, rt.request = client, keys, request
     progress = partial(session.notice, spec.name)
+    await session.preflight(client, request.namespace, type(request.operation))
     try:
         rt.proxy = await cluster.start(client, request, progress=progress)
         rt.pod = await cluster.wait_for_pod(client, rt.proxy, progress=progress)
