@@ -117,6 +117,14 @@ FILE_OPTION = click.option(
 def cli(state: State, debug: bool) -> None:
     """Proxy Kubernetes deployments to this machine, as declared in telepresence.yaml."""
     state.debug = debug
+    # Library chatter stays out of the way unless asked for; tpconf's own warnings always show.
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s" if debug else "warning: %(message)s",
+    )
+    if not debug:
+        for noisy in ("asyncssh", "kubernetes", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 @cli.command()
@@ -326,8 +334,10 @@ async def local_leftovers() -> list[str]:
     lines = [f"unmounted {path}" for path in await volumes.remove_leftover_mounts()]
     try:
         chains = await routing.remove_leftovers()
-    except TpconfError as exc:  # not root: there can be no rules of ours either
-        log.debug("vpn-tcp leftovers not checked: %s", exc.message)
+    except TpconfError as exc:
+        # Without root, rules a crashed `sudo tpconf up` left (and its DNS redirect) stay.
+        lines.append(f"vpn-tcp rules not checked ({exc.message}): run `sudo -E tpconf down` if")
+        lines.append("  a vpn-tcp `tpconf up` crashed here")
     else:
         lines += [f"removed iptables chain {chain}" for chain in sorted(chains)]
     return lines

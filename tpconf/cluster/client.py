@@ -121,7 +121,10 @@ class Cluster:
             data: JSON = json.loads(raw) if raw else {}
             return data
 
-        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+        # A read may be abandoned on cancellation; a write may not: a scale-to-0 that lands after
+        # a cancelled swap's restore would leave the Deployment at 0 with nothing to restore it.
+        # Writes are bounded by the request timeout instead.
+        return await anyio.to_thread.run_sync(run, abandon_on_cancel=method == "GET")
 
     async def text(self, resource_path: str, *, what: str, query: Query | None = None) -> str:
         """A GET whose answer is text (pod logs)."""

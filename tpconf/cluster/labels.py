@@ -54,8 +54,13 @@ def project_id(path: str | os.PathLike[str]) -> str:
 
 
 def default_owner() -> str:
-    """``user@host`` of this process: the ``tpconf.io/owner`` value."""
-    return f"{getpass.getuser()}@{socket.gethostname()}"
+    """``user@host`` of this process: the ``tpconf.io/owner`` value.
+
+    Under ``sudo`` (vpn-tcp needs root) it is the user who ran sudo, so that a later ``tpconf
+    down`` without sudo still recognises the swaps as this user's.
+    """
+    user = os.environ.get("SUDO_USER") or getpass.getuser()
+    return f"{user}@{socket.gethostname()}"
 
 
 def created_labels(*, config_name: str, session_id: str) -> dict[str, str]:

@@ -8,6 +8,7 @@ one JSON answer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -40,15 +41,23 @@ async def serve(
     listener = await anyio.create_unix_listener(path, mode=0o600)
 
     async def answer(stream: SocketStream) -> None:
+        # Nothing a client sends (or does: hang up mid-request) may end the `up` serving it.
         async with stream:
             try:
                 raw = await stream.receive(MAX_REQUEST)
-                reply = handler(json.loads(raw.decode()))
+                request = json.loads(raw.decode())
+                if isinstance(request, dict):
+                    reply = handler(request)
+                else:
+                    reply = {"error": "bad request: expected a JSON object"}
             except (ValueError, anyio.EndOfStream) as exc:
                 reply = {"error": f"bad request: {exc}"}
             except TpconfError as exc:
                 reply = {"error": exc.render()}
-            await stream.send(json.dumps(reply).encode() + b"\n")
+            except Exception as exc:  # noqa: BLE001 - a bug answers as an error, not a crash
+                reply = {"error": f"{type(exc).__name__}: {exc} (a bug in tpconf)"}
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await stream.send(json.dumps(reply).encode() + b"\n")
 
     try:
         async with listener:

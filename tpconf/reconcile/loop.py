@@ -71,6 +71,16 @@ class DeploymentState:
     error: str | None = None
 
 
+def describe(exc: BaseException) -> str:
+    """A failure as the user sees it: tpconf's errors rendered, groups unwrapped, bugs named."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(dict.fromkeys(describe(e) for e in exc.exceptions))
+    if isinstance(exc, TpconfError):
+        return exc.render()
+    log.error("unexpected error", exc_info=exc)
+    return f"{type(exc).__name__}: {exc} (this is a bug in tpconf, please report it)"
+
+
 class Reconciler:
     """Keeps the machine in line with the last good config."""
 
@@ -98,18 +108,27 @@ class Reconciler:
         return plan(self.running, {d.name: facets_of(d) for d in project.deployments})
 
     async def apply(self, project: Project) -> Plan:
-        """Reconcile towards ``project``; returns the plan that was carried out."""
+        """Reconcile towards ``project``; returns the plan that was carried out.
+
+        Every stop of the pass runs before any start (in parallel across deployments), so a
+        port, a swap target or the terminal that moves from one deployment to another is free
+        again before its new owner takes it.
+        """
         async with self._lock:
             self.vpn.spec = project.vpn
-            desired = {d.name: facets_of(d) for d in project.deployments}
-            the_plan = plan(self.running, desired)
+            the_plan = self.plan_for(project)
             specs = {d.name: d for d in project.deployments}
             by_deployment: dict[str, list[Action]] = {}
             for action in the_plan.actions:
                 by_deployment.setdefault(action.deployment, []).append(action)
             async with anyio.create_task_group() as tg:
                 for name, actions in by_deployment.items():
-                    tg.start_soon(self._apply_deployment, name, specs.get(name), actions)
+                    tg.start_soon(self._stop_units, name, specs.get(name), actions)
+            async with anyio.create_task_group() as tg:
+                for name, actions in by_deployment.items():
+                    spec = specs.get(name)
+                    if spec is not None:
+                        tg.start_soon(self._start_units, spec, actions)
             self.project = project
             self._on_change()
             return the_plan
@@ -131,25 +150,31 @@ class Reconciler:
         self.deployments.pop(name, None)
         self.running.pop(name, None)
 
-    async def _apply_deployment(
+    async def _stop_units(
         self, name: str, spec: DeploymentSpec | None, actions: list[Action]
     ) -> None:
         state = self.deployments.get(name)
-        stops = [a for a in actions if a.verb == "stop"]
-        for action in stops:
-            if state is not None:
-                await self._stop_unit(state, action.unit)
+        if state is not None:
+            for action in actions:
+                if action.verb == "stop":
+                    await self._stop_unit(state, action.unit)
         if spec is None:  # removed from the file
-            if state is not None and not state.units:
-                self.deployments.pop(name, None)
+            if state is not None:
+                await self._stop_deployment(name)
+            self.deployments.pop(name, None)
             self.running.pop(name, None)
             self._session.notice(name, "stopped (removed from the file)")
-            return
+
+    async def _start_units(self, spec: DeploymentSpec, actions: list[Action]) -> None:
+        name = spec.name
+        state = self.deployments.get(name)
         if state is None or not state.units:
             state = DeploymentState(runtime=units.Runtime(spec=spec, session=self._session))
             self.deployments[name] = state
+        before = self.running.get(name)
         state.runtime.spec = spec
         state.error = None
+        started: list[Unit] = []
         try:
             for action in actions:
                 if action.verb == "update":
@@ -157,23 +182,23 @@ class Reconciler:
             for action in actions:
                 if action.verb == "start":
                     await self._start_unit(state, action.unit)
-        except TpconfError as exc:
-            await self._fail_start(state, exc.render())
-            return
-        except OSError as exc:
-            await self._fail_start(state, f"{type(exc).__name__}: {exc}")
+                    started.append(action.unit)
+        except Exception as exc:  # noqa: BLE001 - one deployment's failure must stay its own
+            message = describe(exc)
+            self._session.notice(name, f"failed: {message}")
+            state.error = message
+            whole = before is None or any(a.unit == Unit.PROXY for a in actions)
+            for unit in sorted(state.units if whole else started, reverse=True):
+                await self._stop_unit(state, unit)
+            if whole or before is None:
+                self.running.pop(name, None)
+            else:
+                # What did start keeps running; the old facets make the next edit retry the rest.
+                self.running[name] = before
             return
         self.running[name] = facets_of(spec)
-        if any(a.verb == "start" and a.unit == Unit.PROXY for a in actions):
+        if Unit.PROXY in started:
             self._session.notice(name, "ready")
-
-    async def _fail_start(self, state: DeploymentState, message: str) -> None:
-        name = state.runtime.name
-        self._session.notice(name, f"failed: {message}")
-        for unit in sorted(state.units, reverse=True):
-            await self._stop_unit(state, unit)
-        self.running.pop(name, None)
-        state.error = message
 
     async def _update_unit(self, state: DeploymentState, action: Action) -> None:
         if action.unit == Unit.EXPOSE:
@@ -205,7 +230,7 @@ class Reconciler:
             if not status.started_once:
                 raise
             # After start, a unit's failure is its own deployment's problem, not the session's.
-            message = exc.render() if isinstance(exc, TpconfError) else repr(exc)
+            message = describe(exc)
             running.failed = message
             self._session.notice(state.runtime.name, f"{unit.name.lower()} failed: {message}")
             log.debug("unit %s of %s failed", unit.name, state.runtime.name, exc_info=True)
@@ -220,5 +245,6 @@ class Reconciler:
         if running is None:
             return
         running.scope.cancel()
-        with anyio.CancelScope(shield=True):
-            await running.done.wait()
+        # Not shielded: the unit's own cleanup is (in its task); a shutdown that times out, or a
+        # second Ctrl-C, must be able to stop waiting for it.
+        await running.done.wait()

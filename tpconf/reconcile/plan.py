@@ -67,7 +67,8 @@ def facets_of(spec: DeploymentSpec) -> Facets:
         volumes=spec.volumes,
         # The process sees the pod env through these too, so a new pod restarts it (see plan).
         process=(spec.run, spec.shell, spec.env.set, spec.method),
-        export=spec.env.export,
+        # The exported file holds the pod env with the overrides and TELEPRESENCE_ROOT.
+        export=(spec.env.export, spec.env.set, spec.volumes),
     )
 
 

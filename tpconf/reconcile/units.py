@@ -9,6 +9,7 @@ process), which is what lets a later unit use an earlier one's result.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -235,12 +236,15 @@ async def volumes_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
     tunnel = rt.need_tunnel()
     wanted = [volumes.Mount("/", config.root, read_only=False)]
     wanted += [volumes.Mount(m.pod, m.local, read_only=m.read_only) for m in config.mounts]
-    async with anyio.create_task_group() as tg:
-        for mount in wanted:
-            await tg.start(volumes.run_mount, mount, tunnel.open_sftp_stream)
-        rt.volume_root = str(config.root)
-        rt.session.notice(rt.name, f"pod filesystem mounted at {config.root}")
-        task_status.started()
+    try:
+        async with anyio.create_task_group() as tg:
+            for mount in wanted:
+                await tg.start(volumes.run_mount, mount, tunnel.open_sftp_stream)
+            rt.volume_root = str(config.root)
+            rt.session.notice(rt.name, f"pod filesystem mounted at {config.root}")
+            task_status.started()
+    finally:
+        rt.volume_root = None  # unmounted: a restarted process must not be pointed at it
 
 
 async def _open_forward(rt: Runtime, local: int, remote: int) -> None:
@@ -316,13 +320,13 @@ async def process_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
         task_status.started()
         await anyio.sleep_forever()
     env = process_env(rt)
-    with inject.torsocks_wrapper(rt.socks_port or 0) as wrapper:
+    with contextlib.ExitStack() as stack:
+        prefix: tuple[str, ...] = ()
         if spec.method == "inject-tcp":
             assert rt.socks_port is not None
+            wrapper = stack.enter_context(inject.torsocks_wrapper(rt.socks_port))
             env.update(wrapper.env)
-            prefix: tuple[str, ...] = tuple(wrapper.argv)
-        else:
-            prefix = ()
+            prefix = tuple(wrapper.argv)
         if spec.volumes is not None and spec.volumes.real_paths and rt.volume_root:
             # proot outermost: the torsocks wrapper and the command see the pod's paths.
             prefix = (*volumes.real_path_wrapper(rt.volume_root, rt.volume_mounts), *prefix)

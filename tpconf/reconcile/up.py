@@ -73,6 +73,7 @@ async def run_up(
 ) -> int:
     """Run until a signal (or, with ``watch=False``, until every process exited). Exit code."""
     project = load_project(config)  # a broken file at start: nothing to keep, the CLI reports
+    await _refuse_a_second_up(session)
     reporter.warnings(project.warnings)
     started = time.time()
     code = 0
@@ -93,6 +94,10 @@ async def run_up(
         await root.start(control.serve, session.state_dir, partial(_control, reconciler))
 
         async def work() -> None:
+            if watch:
+                # Watching starts before the first pass: an edit saved while pods start is
+                # applied as soon as the start finishes (apply takes turns).
+                working.start_soon(_follow, config, reconciler, reporter, session, started, stop)
             the_plan = await reconciler.apply(project)
             reporter.plan(the_plan)
             reporter.status(snapshot(reconciler, session, config, started))
@@ -100,16 +105,14 @@ async def run_up(
                 reporter.message("nothing could start; fix the errors above (the file is watched)")
             if ready is not None:
                 ready()
-            if watch:
-                await _follow(config, reconciler, reporter, session, started, stop)
 
         async with anyio.create_task_group() as working:
             working.start_soon(work)
             await stop.wait()
+            reporter.message("stopping (Ctrl-C again to force)")
             # A signal during start-up cancels the pods being waited for; their units undo
             # what they did (shielded), then everything left is stopped in order.
             working.cancel_scope.cancel()
-        reporter.message("stopping (Ctrl-C again to force)")
         with anyio.move_on_after(shutdown_timeout) as scope:
             await reconciler.stop_all()
         if scope.cancelled_caught:
@@ -144,7 +147,21 @@ async def _follow(
             reporter.status(snapshot(reconciler, session, config, started))
 
 
+async def _refuse_a_second_up(session: Session) -> None:
+    """Two `up`s of one project would take over each other's proxies and swaps."""
+    try:
+        reply = await control.request(session.state_dir, {"op": "ping"})
+    except TpconfError:
+        return  # nobody answers: we are the only one
+    raise TpconfError(
+        f"tpconf up is already running for this project (pid {reply.get('pid')})",
+        hint="use that one (it follows edits of the file), or stop it first",
+    )
+
+
 def _control(reconciler: Reconciler, req: dict[str, object]) -> dict[str, object]:
+    if req.get("op") == "ping":
+        return {"pid": os.getpid()}
     if req.get("op") == "env":
         name = str(req.get("name"))
         dep = reconciler.deployments.get(name)

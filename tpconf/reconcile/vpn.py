@@ -12,6 +12,7 @@ when that member leaves, the DNS server restarts on the next member's.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
@@ -20,6 +21,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from tpconf import cluster
 from tpconf.config import VpnSpec
+from tpconf.errors import TpconfError
 from tpconf.methods import routing
 from tpconf.methods.vpn import VPN
 from tpconf.proxy import ClusterResolver, DnsServer
@@ -74,14 +76,20 @@ class SharedVpn:
             networks, exclude = await self._networks(member, client, namespace, also_proxy)
             if self._vpn is None:
                 routing.check_privileges()
-                self._vpn = VPN()
-                self._vpn_task = _Task()
-                await self._tg.start(self._run, self._vpn_task, self._vpn.run, name="vpn")
+                vpn, task = VPN(), _Task()
+                await self._tg.start(self._run, task, vpn.run, "vpn", name="vpn")
+                self._vpn, self._vpn_task = vpn, task  # only a VPN that started is shared
             self._members[name] = member
-            await self._vpn.set_routes(name, networks, tunnel, exclude=exclude)
-            member.networks = frozenset(networks)
-            if self._dns_task is None:
-                await self._start_dns(name)
+            try:
+                await self._vpn.set_routes(name, networks, tunnel, exclude=exclude)
+                member.networks = frozenset(networks)
+                if self._dns_task is None:
+                    await self._start_dns(name)
+            except BaseException:
+                # The caller's `leave` never runs for a join that failed: undo it here.
+                with anyio.CancelScope(shield=True):
+                    await self._leave(name)
+                raise
             shown = ", ".join(sorted(map(str, networks)))
             self._session.notice(name, f"vpn-tcp routes {shown}")
 
@@ -99,18 +107,21 @@ class SharedVpn:
     async def leave(self, name: str) -> None:
         """Stop routing ``name``'s ranges; stop everything when it was the last member."""
         async with self._lock:
-            if self._members.pop(name, None) is None or self._vpn is None:
-                return
-            await self._vpn.remove_routes(name)
-            if self._dns_owner == name and self._dns_task is not None:
-                await self._vpn.redirect_dns(None)
-                await self._dns_task.stop()
-                self._dns_task = self._dns_owner = None
-                if self._members:
-                    await self._start_dns(next(iter(self._members)))
-            if not self._members and self._vpn_task is not None:
-                await self._vpn_task.stop()  # removes the rules, shielded
-                self._vpn = self._vpn_task = None
+            await self._leave(name)
+
+    async def _leave(self, name: str) -> None:
+        if self._members.pop(name, None) is None or self._vpn is None:
+            return
+        await self._vpn.remove_routes(name)
+        if self._dns_owner == name and self._dns_task is not None:
+            await self._vpn.redirect_dns(None)
+            await self._dns_task.stop()
+            self._dns_task = self._dns_owner = None
+            if self._members:
+                await self._start_dns(next(iter(self._members)))
+        if not self._members and self._vpn_task is not None:
+            await self._vpn_task.stop()  # removes the rules, shielded
+            self._vpn = self._vpn_task = None
 
     async def _networks(
         self,
@@ -145,14 +156,43 @@ class SharedVpn:
             upstream_mark=self._vpn.mark,
         )
         self._dns_task = _Task()
-        port = await self._tg.start(self._run, self._dns_task, server.serve, name="vpn-dns")
+        port = await self._tg.start(self._run, self._dns_task, server.serve, name, name="vpn-dns")
         self._dns_owner = name
         await self._vpn.redirect_dns(port, upstreams)
 
-    @staticmethod
-    async def _run(task: _Task, serve: object, *, task_status: TaskStatus[int]) -> None:
+    async def _run(
+        self, task: _Task, serve: Serve, who: str, *, task_status: TaskStatus[int]
+    ) -> None:
+        """Run the VPN or the DNS server; a failure after start is reported, not raised, so
+        that it ends neither the other deployments nor the session."""
+        started = False
+
+        def report_started(port: int) -> None:
+            nonlocal started
+            started = True
+            task_status.started(port)
+
         try:
             with task.scope:
-                await serve(task_status=task_status)  # type: ignore[operator]
+                await serve(task_status=_Started(report_started))
+        except Exception as exc:
+            if not started:
+                raise
+            log.debug("vpn-tcp part failed", exc_info=True)
+            message = exc.render() if isinstance(exc, TpconfError) else repr(exc)
+            self._session.notice(who, f"vpn-tcp failed: {message}")
         finally:
             task.done.set()
+
+
+class _Started:
+    """A TaskStatus that tells :meth:`SharedVpn._run` when its task has started."""
+
+    def __init__(self, callback: Callable[[int], None]) -> None:
+        self._callback = callback
+
+    def started(self, value: int) -> None:
+        self._callback(value)
+
+
+Serve = Callable[..., Awaitable[None]]
