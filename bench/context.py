@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.core import Table
 from bench.kube import KUBECTL, BenchNamespace, kubeconfig
 from bench.side import SideConfig
+
+if TYPE_CHECKING:
+    from bench.vpn import VpnSession
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,24 @@ class Bench:
     meta: dict[str, Any] = field(default_factory=dict)
     only: set[str] = field(default_factory=set)
     """Measurement names to run (empty: all)."""
+    vpn: VpnSession | None = None
+    """The vpn-tcp laptop (:mod:`bench.vpn`) while the net and DNS rows run, if it could start."""
+    vpn_status: str = ""
+    """Why the vpn-tcp rows are not measured (when :attr:`vpn` is None)."""
+    failures: list[str] = field(default_factory=list)
+    """Errors that did not stop a measurement but must fail the run."""
+
+    def vpn_ready(self) -> VpnSession | None:
+        """The vpn-tcp session once ``tpconf up`` is ready; None (and :attr:`vpn_status`) if not."""
+        if self.vpn is None:
+            return None
+        try:
+            self.vpn.wait_ready()
+        except Exception as exc:  # noqa: BLE001 - the other variants still run
+            self.vpn_status = f"error: {type(exc).__name__}"
+            self.failures.append(f"vpn-tcp: {type(exc).__name__}: {exc}")
+            self.vpn = None
+        return self.vpn
 
     def side_config(self, **overrides: Any) -> SideConfig:
         """How to start :mod:`bench.side` against the bench's agent pod."""

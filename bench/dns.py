@@ -4,6 +4,13 @@
   each lookup; the query rides a ``direct-tcpip`` channel to the pod's nameserver, read from the
   agent's resolv.conf with ``fetch_pod_info``) and cached;
 - the vpn-tcp ``DnsServer`` over UDP on 127.0.0.1, uncached and cached;
+- vpn-tcp end to end, the machine's resolver: glibc ``getaddrinfo(AF_INET)`` of a short Service
+  name by a process of the "laptop" namespace (:mod:`bench.nsworker`); its query to the
+  namespace's nameserver is redirected (iptables) to the DnsServer of the ``tpconf up`` running
+  there. *Uncached*: a name asked for the first time (``dns-<i>``, one Service per sample,
+  :mod:`bench.vpn`); *cached*: the same name again right after; *UDP query cached*: then the
+  same question as one raw UDP packet to the same nameserver (the redirect + DnsServer without
+  glibc's own work: resolv.conf, nsswitch, a new socket);
 - ``getaddrinfo`` inside a cluster pod (glibc, no cache; the loop runs in the pod, so kubectl
   exec start-up is not counted): the reference.
 """
@@ -22,6 +29,7 @@ from dnslib import DNSRecord
 from bench.context import Bench, Deadline
 from bench.core import Row, below
 from bench.kube import kubectl
+from bench.vpn import NEEDS_ROOT
 from tpconf.proxy import ClusterResolver, DnsServer
 from tpconf.tunnel import (
     PodInfo,
@@ -33,6 +41,10 @@ from tpconf.tunnel import (
 )
 
 REF = "in-pod getaddrinfo"
+VPN_RESOLVER = "vpn-tcp netns getaddrinfo"
+VPN_QUERY = "vpn-tcp netns UDP query cached"
+#: variant -> target (ms; 0: none, it only splits the cached lookup's time)
+VPN_VARIANTS = {f"{VPN_RESOLVER} uncached": 5.0, f"{VPN_RESOLVER} cached": 0.2, VPN_QUERY: 0.0}
 
 IN_POD = """
 import socket, time, json, sys
@@ -60,6 +72,34 @@ async def tunnel_to_agent(bench: Bench) -> AsyncIterator[tuple[Tunnel, PodInfo]]
         yield tunnel, await fetch_pod_info(tunnel)
 
 
+def _vpn_lookups(bench: Bench, rows: dict[str, Row]) -> bool:
+    """One uncached + one cached lookup through the laptop's resolver (next unused name).
+
+    False when it failed: the rows say so, the run fails, the other variants go on."""
+    vpn = bench.vpn
+    if vpn is None or not vpn.dns_names:
+        return False
+    assert vpn.worker is not None
+    service, address = vpn.dns_names.popitem()
+    try:
+        for op, variant in (
+            ("resolve", f"{VPN_RESOLVER} uncached"),
+            ("resolve", f"{VPN_RESOLVER} cached"),
+            ("query", VPN_QUERY),
+        ):
+            answer = vpn.worker.call(op, 10, name=service)
+            if answer["addresses"] != [address]:
+                raise RuntimeError(f"{service} resolved to {answer['addresses']}, not {address}")
+            rows[variant].samples.append(float(answer["value"]))
+    except Exception as exc:  # noqa: BLE001 - reported in the row and the exit status
+        bench.failures.append(f"DNS / vpn-tcp: {exc}")
+        for variant in VPN_VARIANTS:
+            rows[variant].samples.clear()
+            rows[variant].status = f"error: {type(exc).__name__}"
+        return False
+    return True
+
+
 async def _udp_query(udp: ConnectedUDPSocket, packet: bytes) -> bytes:
     with anyio.fail_after(5):
         await udp.send(packet)
@@ -85,6 +125,15 @@ async def dns(bench: Bench) -> None:
         for prefix in ("inject-tcp resolver", "vpn-tcp DnsServer/UDP"):
             rows[f"{prefix} {v}"].target = f"< {limit:g} ms"
             rows[f"{prefix} {v}"].check = below(limit)
+    vpn = bench.vpn_ready()
+    for variant, limit in VPN_VARIANTS.items():
+        target = f"< {limit:g} ms" if limit else ""
+        if vpn is None:
+            bench.table.slot(name, variant, bench.vpn_status or NEEDS_ROOT, target)
+        else:
+            rows[variant] = bench.table.add(Row(name, variant, "ms", reference=REF))
+            if limit:
+                rows[variant].target, rows[variant].check = target, below(limit)
 
     out = await anyio.to_thread.run_sync(
         lambda: kubectl(
@@ -127,6 +176,10 @@ async def dns(bench: Bench) -> None:
                         assert str(reply.a.rdata) == bench.ns.echo_ip, reply
                         v = "cached" if cached else "uncached"
                         rows[f"vpn-tcp DnsServer/UDP {v}"].samples.append(elapsed)
+                    if vpn is not None and not await anyio.to_thread.run_sync(
+                        _vpn_lookups, bench, rows
+                    ):
+                        vpn = None
                 await udp.aclose()
                 tg.cancel_scope.cancel()
     rows[
@@ -136,4 +189,9 @@ async def dns(bench: Bench) -> None:
     )
     rows[
         "vpn-tcp DnsServer/UDP uncached"
-    ].note = "FQDN over UDP to tpconf's DnsServer on 127.0.0.1 (no iptables redirect in the bench)"
+    ].note = "FQDN over UDP to tpconf's DnsServer on 127.0.0.1 (no iptables redirect)"
+    if f"{VPN_RESOLVER} uncached" in rows:
+        rows[f"{VPN_RESOLVER} uncached"].note = (
+            "a process in the laptop netns: getaddrinfo(AF_INET) of a never-asked short Service"
+            " name -> iptables DNS redirect -> tpconf up's DnsServer -> cluster DNS via the tunnel"
+        )

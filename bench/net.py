@@ -11,13 +11,18 @@ Variants, measured interleaved (one of each per round):
   RESULTS.md (:data:`bench.tuning.PROPOSED`; bulk rows only);
 - ``tunnel-only``: the same tunnel without SOCKS (a local forward = one ``direct-tcpip`` channel
   per connection), to separate the SOCKS relay's cost from the tunnel's;
-- ``vpn-tcp``: slot until the vpn-tcp unit can be driven from the bench (root, netns).
+- ``vpn-tcp``: a process of the "laptop" network namespace (:mod:`bench.vpn`, not a child of
+  ``tpconf up``) connects to the Service's ClusterIP; the kernel redirects it (iptables) to
+  tpconf's transparent proxy → one ``direct-tcpip`` channel on the vpn-tcp deployment's tunnel.
+  Timed inside the namespace by :mod:`bench.nsworker` with the same client code, in the same
+  interleaved rounds as the others. Without root: ``not measured: needs root``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 
 from bench import client
 from bench.client import Route
@@ -27,7 +32,7 @@ from bench.echo import PORT
 from bench.procs import kubectl_port_forward, local_echo, tpconf_side
 from bench.tuning import PROPOSED
 
-VPN_SLOT = "not measured: needs the vpn-tcp unit (root + netns)"
+VPN = "vpn-tcp"
 REF = "kubectl-pf"
 
 
@@ -40,6 +45,9 @@ def routes(bench: Bench) -> Iterator[dict[str, Route]]:
         side = stack.enter_context(tpconf_side(bench.side_config()))
         tuned = stack.enter_context(tpconf_side(bench.side_config(**PROPOSED)))
         bench.meta["side_cipher"] = side["cipher"]
+        vpn = bench.vpn_ready()  # started before the others (bench.run): overlaps their start
+        if vpn is not None:
+            bench.meta["vpn_up_ready_seconds"] = vpn.ready_seconds
         yield {
             "loopback": Route(loop),
             "kubectl-pf": Route(pf),
@@ -52,18 +60,54 @@ def routes(bench: Bench) -> Iterator[dict[str, Route]]:
 
 
 def _interleave(
+    bench: Bench,
     rows: dict[str, Row],
-    routes_: dict[str, Route],
     rounds: int,
-    measure: Callable[[Route], float],
+    measure: Callable[[str], float],
     seconds: float,
 ) -> None:
+    """``rounds`` rounds, one sample per variant each. A failing vpn-tcp sample ends that
+    variant only (its row says the error; the run fails); other errors end the measurement."""
     deadline = Deadline(seconds)
+    active = dict(rows)
     for _ in range(rounds):
         if not deadline:
             break
-        for variant, row in rows.items():
-            row.samples.append(measure(routes_[variant]))
+        for variant, row in list(active.items()):
+            try:
+                row.samples.append(measure(variant))
+            except Exception as exc:
+                if variant != VPN:
+                    raise
+                bench.failures.append(f"{row.name} / {VPN}: {exc}")
+                row.samples.clear()
+                row.status = f"error: {type(exc).__name__}"
+                del active[variant]
+
+
+def _vpn_row(bench: Bench, rows: dict[str, Row], row: Row) -> None:
+    """The vpn-tcp row: measured with the others if the laptop is up, else a slot saying why."""
+    if bench.vpn is not None:
+        rows[VPN] = bench.table.add(row)
+    else:
+        bench.table.slot(row.name, VPN, bench.vpn_status or "not measured", target=row.target)
+
+
+def _rtt(bench: Bench, routes_: dict[str, Route], variant: str) -> float:
+    if variant == VPN:
+        assert bench.vpn is not None and bench.vpn.worker is not None
+        return bench.vpn.worker.value("rtt", host=bench.ns.echo_ip, port=PORT) * 1e3
+    return client.round_trip(routes_[variant]) * 1e3
+
+
+def _bulk(bench: Bench, routes_: dict[str, Route], variant: str, direction: str) -> float:
+    size = bench.sizes.bulk_bytes
+    if variant == VPN:
+        assert bench.vpn is not None and bench.vpn.worker is not None
+        worker = bench.vpn.worker
+        return worker.value(direction, 600, host=bench.ns.echo_ip, port=PORT, size=size)
+    fn = client.upload if direction == "upload" else client.download
+    return fn(routes_[variant], size)
 
 
 def connection_rtt(bench: Bench, routes_: dict[str, Route]) -> None:
@@ -72,27 +116,33 @@ def connection_rtt(bench: Bench, routes_: dict[str, Route]) -> None:
         v: bench.table.add(Row(name, v, "ms", reference=REF))
         for v in ("loopback", "kubectl-pf", "inject-tcp", "tunnel-only")
     }
-    rows["inject-tcp"].target = "<= kubectl-pf + 2 ms"
+    target = "<= kubectl-pf + 2 ms"
+    rows["inject-tcp"].target = target
     rows["inject-tcp"].check = within_ms(2.0)
-    for route in routes_.values():  # warm-up: first connection of each path
-        client.round_trip(route)
-    _interleave(rows, routes_, bench.sizes.rtt_count, lambda r: client.round_trip(r) * 1e3, 120)
-    bench.table.slot(name, "vpn-tcp", VPN_SLOT, target="<= kubectl-pf + 2 ms")
+    _vpn_row(bench, rows, Row(name, VPN, "ms", reference=REF, target=target, check=within_ms(2)))
+    for variant in rows:  # warm-up: first connection of each path
+        _rtt(bench, routes_, variant)
+    measure = partial(_rtt, bench, routes_)
+    _interleave(bench, rows, bench.sizes.rtt_count, measure, 120)
 
 
 def bulk(bench: Bench, routes_: dict[str, Route]) -> None:
     size = bench.sizes.bulk_bytes
-    for direction, fn in (("upload", client.upload), ("download", client.download)):
+    target = ">= 80% of kubectl-pf"
+    for direction in ("upload", "download"):
         name = f"bulk {direction} {size // 1_000_000} MB"
         rows = {
             v: bench.table.add(Row(name, v, "MB/s", reference=REF, higher_is_better=True))
             for v in routes_
         }
         for v in ("inject-tcp", "inject-tcp, proposed settings"):
-            rows[v].target = ">= 80% of kubectl-pf"
+            rows[v].target = target
             rows[v].check = at_least_ratio(0.8)
-        _interleave(rows, routes_, bench.sizes.bulk_runs, lambda r, f=fn: f(r, size), 900)  # type: ignore[misc]
-        bench.table.slot(name, "vpn-tcp", VPN_SLOT, target=">= 80% of kubectl-pf")
+        vpn_row = Row(name, VPN, "MB/s", reference=REF, higher_is_better=True, target=target)
+        vpn_row.check = at_least_ratio(0.8)
+        _vpn_row(bench, rows, vpn_row)
+        measure = partial(_bulk, bench, routes_, direction=direction)
+        _interleave(bench, rows, bench.sizes.bulk_runs, measure, 900)
 
 
 async def concurrency(bench: Bench, routes_: dict[str, Route]) -> None:

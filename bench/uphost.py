@@ -98,8 +98,13 @@ def vm_hwm_mb(pid: int) -> float:
 class UpProcess:
     """One ``tpconf up`` in ``project``."""
 
-    def __init__(self, project: Path) -> None:
+    def __init__(
+        self, project: Path, prefix: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.project = project
+        self.prefix = prefix or []
+        """Put in front of the command (``ip netns exec NS``: it execs, the pid stays tpconf's)."""
+        self.env = env
         self.lines: list[tuple[float, str]] = []
         self.started = 0.0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -110,9 +115,9 @@ class UpProcess:
     def start(self) -> UpProcess:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            TPCONF,
+            [*self.prefix, *TPCONF],
             cwd=self.project,
-            env=up_env(),
+            env=self.env or up_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
