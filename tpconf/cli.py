@@ -78,6 +78,11 @@ def print_error(message: str) -> None:
     _console().print(Text(message, style="red"))
 
 
+def print_warning_text(text: str) -> None:
+    """Print a warning that is not about a position in the file."""
+    _console().print(Text(text, style="yellow"))
+
+
 def print_warning(warning: ConfigWarning) -> None:
     """Print a config warning as `file:line:col: warning: ...` to stderr."""
     _console().print(Text(warning.render(), style="yellow"))
@@ -294,9 +299,19 @@ def down(file: Path | None, everything: bool) -> None:
     from tpconf import cluster
 
     path = file if file is not None else find_config_file()
-    project = load_project(path)
     session = _session(path)
     snapshot = state.read(session.state_dir)
+    targets: set[tuple[str | None, str | None]] = set()
+    if snapshot is not None:  # what the crashed `up` ran, whatever the file says now
+        targets |= {(None, row.namespace or None) for row in snapshot.deployments}
+    try:
+        project = load_project(path)
+    except ConfigError as exc:
+        if not targets:
+            raise
+        print_warning_text(f"{exc.render()}\n(cleaning up the namespaces of the last session)")
+    else:
+        targets |= {(d.context, d.namespace) for d in project.deployments}
     if snapshot is not None and snapshot.alive and snapshot.pid != os.getpid():
         raise TpconfError(
             f"tpconf up is still running here (pid {snapshot.pid})",
@@ -305,8 +320,7 @@ def down(file: Path | None, everything: bool) -> None:
 
     async def run() -> list[str]:
         lines: list[str] = []
-        targets = {(d.context, d.namespace) for d in project.deployments} or {(None, None)}
-        for context, namespace in sorted(targets, key=str):
+        for context, namespace in sorted(targets or {(None, None)}, key=str):
             client = await session.cluster(context, namespace)
             report = await cluster.down(
                 client,

@@ -374,6 +374,9 @@ deployments:
     assert "ended without cleaning up" in status.stdout and "tpconf down" in status.stdout
     assert f'swapped Deployment "web" in namespace "{ns}"' in status.stdout, status.stdout
     assert f'Deployment "extra" in namespace "{ns}"' in status.stdout
+    # The file is broken by now (or the deployment gone from it): down still knows the namespace
+    # from the crashed session's state.
+    write_config(tmp_path, "version: 1\ndeployments: [oops\n")
     out = tpconf(cluster, tmp_path, "down")
     assert "restored" in out and "deleted" in out, out
     assert replicas(cluster, ns, "web") == "2"
@@ -382,7 +385,8 @@ deployments:
         "-o", "name",
     ).stdout  # fmt: skip
     assert left == ""
-    # Idempotent: a second run finds nothing.
+    # Idempotent: a second run finds nothing (and now needs the file again: the state is gone).
+    write_config(tmp_path, f"version: 1\nnamespace: {ns}\ndeployments:\n  web: {{swap: true}}\n")
     assert "nothing to clean up" in tpconf(cluster, tmp_path, "down")
 
 

@@ -14,6 +14,7 @@ the other deployments down.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -105,7 +106,15 @@ class Reconciler:
 
     def plan_for(self, project: Project) -> Plan:
         """What :meth:`apply` would do (``tpconf plan`` shows this against nothing running)."""
-        return plan(self.running, {d.name: facets_of(d) for d in project.deployments})
+        return plan(self.running, {d.name: self._facets(d, project) for d in project.deployments})
+
+    @staticmethod
+    def _facets(spec: DeploymentSpec, project: Project) -> Facets:
+        facets = facets_of(spec)
+        if spec.method == "vpn-tcp":
+            # The file's `vpn:` ranges are routed through every vpn-tcp deployment.
+            facets = dataclasses.replace(facets, routes=(facets.routes, project.vpn))
+        return facets
 
     async def apply(self, project: Project) -> Plan:
         """Reconcile towards ``project``; returns the plan that was carried out.
@@ -116,7 +125,8 @@ class Reconciler:
         """
         async with self._lock:
             self.vpn.spec = project.vpn
-            the_plan = self.plan_for(project)
+            desired = {d.name: self._facets(d, project) for d in project.deployments}
+            the_plan = plan(self.running, desired)
             specs = {d.name: d for d in project.deployments}
             by_deployment: dict[str, list[Action]] = {}
             for action in the_plan.actions:
@@ -128,7 +138,7 @@ class Reconciler:
                 for name, actions in by_deployment.items():
                     spec = specs.get(name)
                     if spec is not None:
-                        tg.start_soon(self._start_units, spec, actions)
+                        tg.start_soon(self._start_units, spec, actions, desired[name])
             self.project = project
             self._on_change()
             return the_plan
@@ -165,7 +175,9 @@ class Reconciler:
             self.running.pop(name, None)
             self._session.notice(name, "stopped (removed from the file)")
 
-    async def _start_units(self, spec: DeploymentSpec, actions: list[Action]) -> None:
+    async def _start_units(
+        self, spec: DeploymentSpec, actions: list[Action], facets: Facets
+    ) -> None:
         name = spec.name
         state = self.deployments.get(name)
         if state is None or not state.units:
@@ -196,7 +208,7 @@ class Reconciler:
                 # What did start keeps running; the old facets make the next edit retry the rest.
                 self.running[name] = before
             return
-        self.running[name] = facets_of(spec)
+        self.running[name] = facets
         if Unit.PROXY in started:
             self._session.notice(name, "ready")
 
