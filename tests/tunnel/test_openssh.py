@@ -50,7 +50,14 @@ def _sshd_user() -> pwd.struct_passwd | None:
     for entry in sorted(pwd.getpwall(), key=lambda e: e.pw_uid):
         if entry.pw_uid != 0 and entry.pw_shell in shells:
             return entry
-    return None
+    # A fresh machine may have none: as root, make one (the agent runs sshd non-root too).
+    made = subprocess.run(
+        ["useradd", "--system", "--shell", "/bin/sh", "--no-create-home", "tpconf-sshd-test"],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    if made.returncode not in (0, 9):  # 9: the user exists already
+        return None
+    return pwd.getpwnam("tpconf-sshd-test")
 
 
 def _free_port() -> int:
