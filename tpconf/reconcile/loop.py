@@ -116,7 +116,9 @@ class Reconciler:
             facets = dataclasses.replace(facets, routes=(facets.routes, project.vpn))
         return facets
 
-    async def apply(self, project: Project) -> Plan:
+    async def apply(
+        self, project: Project, *, announce: Callable[[Plan], None] | None = None
+    ) -> Plan:
         """Reconcile towards ``project``; returns the plan that was carried out.
 
         Every stop of the pass runs before any start (in parallel across deployments), so a
@@ -127,6 +129,8 @@ class Reconciler:
             self.vpn.spec = project.vpn
             desired = {d.name: self._facets(d, project) for d in project.deployments}
             the_plan = plan(self.running, desired)
+            if announce is not None and the_plan:
+                announce(the_plan)  # before doing it, as `terraform apply` shows its plan
             specs = {d.name: d for d in project.deployments}
             by_deployment: dict[str, list[Action]] = {}
             for action in the_plan.actions:

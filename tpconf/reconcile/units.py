@@ -150,8 +150,7 @@ async def proxy_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
         await anyio.sleep_forever()
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT) as scope:
-            for line in await cluster.stop(client, request, progress=progress):
-                session.notice(spec.name, line)
+            await cluster.stop(client, request, progress=progress)  # progress says what it does
         if scope.cancelled_caught:
             session.notice(spec.name, "cleanup timed out: run `tpconf down` to finish it")
 

@@ -98,8 +98,7 @@ async def run_up(
                 # Watching starts before the first pass: an edit saved while pods start is
                 # applied as soon as the start finishes (apply takes turns).
                 working.start_soon(_follow, config, reconciler, reporter, session, started, stop)
-            the_plan = await reconciler.apply(project)
-            reporter.plan(the_plan)
+            await reconciler.apply(project, announce=reporter.plan)
             reporter.status(snapshot(reconciler, session, config, started))
             if not reconciler.running and project.deployments:
                 reporter.message("nothing could start; fix the errors above (the file is watched)")
@@ -141,9 +140,8 @@ async def _follow(
             reporter.message(exc.render())
             continue
         reporter.warnings(project.warnings)
-        the_plan = await reconciler.apply(project)
+        the_plan = await reconciler.apply(project, announce=reporter.plan)
         if the_plan:
-            reporter.plan(the_plan)
             reporter.status(snapshot(reconciler, session, config, started))
 
 

@@ -211,7 +211,9 @@ async def _mount_once(
     """Mount with a fresh stream; return when a mount drops, raise if it never came up."""
     stream = await open_sftp()
     try:
-        process = await anyio.open_process(sshfs_argv(mount, sshfs=sshfs))
+        # Its own session: a Ctrl-C on the terminal reaches tpconf's whole process group, and
+        # sshfs must not exit (dropping the mount) before tpconf unmounts it in order.
+        process = await anyio.open_process(sshfs_argv(mount, sshfs=sshfs), start_new_session=True)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await stream.aclose()
