@@ -206,14 +206,19 @@ def status_table(snapshot: state.Snapshot) -> Table:
     for column in ("DEPLOYMENT", "NAMESPACE", "POD", "METHOD", "EXPOSE", "TUNNEL", "PROCESS"):
         table.add_column(column)
     for row in snapshot.deployments:
-        process = Text(row.error, style="red") if row.error else Text(row.process)
+        if row.error:
+            # The whole message (and its hint) was printed when it happened: one line here.
+            first = row.error.splitlines()[0]
+            process = Text("failed: " + (first if len(first) <= 90 else first[:89] + "…"), "red")
+        else:
+            process = Text(row.process)
         table.add_row(
             row.name,
             row.namespace,
             row.pod or "-",
             row.method,
             ", ".join(row.exposes) or "-",
-            row.tunnel or "-",
+            "-" if row.error else row.tunnel or "-",
             process,
         )
     return table
