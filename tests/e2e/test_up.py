@@ -150,7 +150,9 @@ def test_quickstart_process_reaches_services_by_every_name_and_gets_the_pod_env(
         "curl -s http://helloworld/ > short.html; "
         f"curl -s http://helloworld.{ns}/ > ns.html; "
         f"curl -s http://helloworld.{ns}.svc.cluster.local/ > fqdn.html; "
-        "env > env.txt; "
+        "env > env.tmp; mv env.tmp env.txt; "
+        'cat "$TELEPRESENCE_ROOT/var/run/secrets/kubernetes.io/serviceaccount/namespace" > sa.tmp;'
+        " mv sa.tmp sa.txt; "
         # A Service created after start: retried until it answers.
         "while ! curl -sf http://late/ > late.html; do sleep 0.5; done"
     )
@@ -174,10 +176,13 @@ deployments:
         for page in ("short.html", "ns.html", "fqdn.html"):
             path = tmp_path / page
             wait_until(partial(lambda p: "Welcome to nginx!" in file_text(p), path), 60, page)
+        # Files are written whole (renamed into place); sa.txt comes last before the loop.
+        wait_until(lambda: (tmp_path / "sa.txt").exists(), 30, "the process to read the token dir")
         env = file_text(tmp_path / "env.txt")
         assert re.search(r"^KUBERNETES_SERVICE_HOST=\d", env, re.MULTILINE), env
         assert re.search(r"^HELLOWORLD_SERVICE_HOST=\d", env, re.MULTILINE), env
         assert "FROM_THE_FILE=yes-it-is" in env
+        assert file_text(tmp_path / "sa.txt") == ns  # the new proxy's service-account volume
         assert re.search(r"^TELEPRESENCE_POD=quickstart-", env, re.MULTILINE), env
         helloworld(cluster, ns, name="late")
         wait_until(lambda: "Welcome to nginx!" in file_text(tmp_path / "late.html"), 90, "late")
@@ -250,7 +255,7 @@ deployments:
     swap: true
     env:
       export: web.env
-    run: env > env.txt
+    run: env > env.tmp && mv env.tmp env.txt
 """,
     )
     up = Up(cluster, tmp_path).start()

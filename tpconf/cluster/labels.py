@@ -22,6 +22,9 @@ SESSION = "tpconf.io/session"
 DEPLOYMENT = "tpconf.io/deployment"
 #: Selector label unique to one proxy's pods (value: the proxy Deployment's name).
 PROXY = "tpconf.io/proxy"
+#: On the agent's pod template only (not in the Deployment's selector): one value per start, so
+#: that waiting for the pod of a re-created proxy can never pick the previous one's pod.
+START = "tpconf.io/start"
 
 OWNER = "tpconf.io/owner"
 PROJECT = "tpconf.io/project"

@@ -201,9 +201,14 @@ def new_deployment(req: ProxyRequest) -> JSON:
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": dict(proxy)},
             "template": {
-                "metadata": {"labels": dict(meta["labels"]), "annotations": {}},
+                "metadata": {
+                    "labels": {**meta["labels"], L.START: L.label_value(req.start_id)},
+                    "annotations": {},
+                },
                 "spec": {
-                    "automountServiceAccountToken": False,
+                    # As Telepresence 1's proxy: the service-account token is one of the pod's
+                    # volumes the local process gets under $TELEPRESENCE_ROOT.
+                    "automountServiceAccountToken": True,
                     "enableServiceLinks": True,
                     "securityContext": pod_sc,
                     "containers": [
@@ -311,6 +316,7 @@ def swap_deployment(req: ProxyRequest, original: Mapping[str, Any], container: s
     template_labels = {**created, **(tmeta.get("labels") or {}), **proxy}
     template_labels[L.SESSION] = created[L.SESSION]
     template_labels[L.DEPLOYMENT] = created[L.DEPLOYMENT]
+    template_labels[L.START] = L.label_value(req.start_id)
     template["metadata"] = {
         "labels": template_labels,
         "annotations": dict(tmeta.get("annotations") or {}),

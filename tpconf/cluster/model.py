@@ -6,6 +6,7 @@ The reconciler maps its config models onto these (``tpconf.cluster`` does not im
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 
@@ -65,6 +66,8 @@ class ProxyRequest:
     project: str
     keys: AgentKeys
     expose_remote_ports: tuple[int, ...] = ()
+    start_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    """Unique per request: labels this start's agent pod (``tpconf.io/start``)."""
 
 
 @dataclass(frozen=True)

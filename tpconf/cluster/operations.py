@@ -169,7 +169,11 @@ async def new(cluster: Cluster, req: ProxyRequest, *, progress: Progress = _quie
         namespace=ns,
         deployment=name,
         selector=_selector(
-            {L.PROXY: L.label_value(name), L.SESSION: L.label_value(req.session_id)}
+            {
+                L.PROXY: L.label_value(name),
+                L.SESSION: L.label_value(req.session_id),
+                L.START: L.label_value(req.start_id),
+            }
         ),
         container=M.AGENT_CONTAINER,
         ports=tuple(req.expose_remote_ports),
@@ -288,7 +292,11 @@ async def swap(cluster: Cluster, req: ProxyRequest, *, progress: Progress = _qui
         namespace=ns,
         deployment=proxy_name,
         selector=_selector(
-            {L.PROXY: L.label_value(proxy_name), L.SESSION: L.label_value(req.session_id)}
+            {
+                L.PROXY: L.label_value(proxy_name),
+                L.SESSION: L.label_value(req.session_id),
+                L.START: L.label_value(req.start_id),
+            }
         ),
         container=str(container),
         ports=M.container_ports(original, str(container)),
