@@ -7,7 +7,7 @@ KUBECONFIG_LOCAL := /var/lib/tpconf-cluster/admin.kubeconfig
 
 .PHONY: deps install lint test test-unit test-e2e schema bench bench-quick cluster cluster-down agent-image demo clean
 
-install: $(VENV)/.installed
+install: deps $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,11 +43,12 @@ bench: install cluster
 bench-quick: install cluster
 	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} $(BIN)/python -m bench --quick
 
+# Installs only what is missing (no root needed when nothing is), so every entry point runs it.
 deps:
 	scripts/install-deps.sh
 
 # Builds (once; Go caches are reused), then starts the cluster; up.sh loads the test images.
-cluster:
+cluster: deps
 	tests/cluster/build.sh all
 	tests/cluster/up.sh
 
