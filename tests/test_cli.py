@@ -151,7 +151,8 @@ def test_plan_describes_every_deployment_without_touching_the_cluster(
     assert "+ run: python3 -m http.server" in out
     assert "~ swap Deployment dev/api (container main): scale to 0" in out
     assert "+ vpn-tcp routes for the whole machine" in out
-    assert out.rstrip().endswith("14 unit(s) to start")
+    assert "14 unit(s) to start:\n  + web: proxy\n  + web: tunnel\n" in out
+    assert out.rstrip().endswith("+ api: process")
 
 
 def test_a_bad_command_line_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -256,7 +256,9 @@ def plan(file: Path | None) -> None:
         console.print(Text(f"{spec.name}:", style="bold"))
         for line in describe_deployment(spec):
             console.print(f"  {line}")
-    console.print(Text(f"{len(actions.actions)} unit(s) to start", style="dim"))
+    console.print(Text(f"{len(actions.actions)} unit(s) to start:", style="dim"))
+    for action in actions.actions:
+        console.print(Text(f"  {action}", style="dim"))
 
 
 def describe_deployment(spec: DeploymentSpec) -> list[str]:

@@ -71,7 +71,10 @@ async def run_up(
     shutdown_timeout: float = 90.0,
     ready: Callable[[], None] | None = None,
 ) -> int:
-    """Run until a signal (or, with ``watch=False``, until every process exited). Exit code."""
+    """Run until SIGINT/SIGTERM (or a shell deployment's shell exits); return the exit code.
+
+    ``watch=False`` only skips following edits of the file.
+    """
     project = load_project(config)  # a broken file at start: nothing to keep, the CLI reports
     await _refuse_a_second_up(session)
     reporter.warnings(project.warnings)
