@@ -39,6 +39,7 @@ from tpconf.cluster.operations import (
     start,
     stop,
     swap,
+    update_service_ports,
 )
 from tpconf.cluster.pods import wait_for_pod
 
@@ -69,5 +70,6 @@ __all__ = [
     "start",
     "stop",
     "swap",
+    "update_service_ports",
     "wait_for_pod",
 ]

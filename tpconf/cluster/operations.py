@@ -23,6 +23,7 @@ The Service of ``new`` is owned by its Deployment the same way.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -179,6 +180,22 @@ async def new(cluster: Cluster, req: ProxyRequest, *, progress: Progress = _quie
         ports=tuple(req.expose_remote_ports),
         service=name if service is not None else None,
     )
+
+
+async def update_service_ports(cluster: Cluster, req: ProxyRequest, ports: tuple[int, ...]) -> None:
+    """Make Service ``req.name`` expose exactly ``ports`` (create, patch, or delete it).
+
+    Only the ``new`` operation owns a Service; a swapped Deployment keeps its own Services, which
+    select the proxy pod already.
+    """
+    if not isinstance(req.operation, New):
+        return
+    wanted = dataclasses.replace(req, expose_remote_ports=ports)
+    body = M.new_service(wanted)
+    if body is None:
+        await _delete(cluster, "services", req.namespace, req.name)
+    else:
+        await _apply(cluster, "services", body, wanted)
 
 
 def _swap_refusal(

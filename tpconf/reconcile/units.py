@@ -21,7 +21,6 @@ import anyio
 from anyio.abc import TaskStatus
 
 from tpconf import cluster, volumes
-from tpconf.cluster.services import update_service_ports
 from tpconf.config import DeploymentSpec, ExistingOp, NewOp, SwapOp
 from tpconf.methods import inject
 from tpconf.proxy import ClusterResolver, SocksServer
@@ -30,7 +29,6 @@ from tpconf.supervisor import (
     ProcessExit,
     ProcessSpec,
     pod_environment,
-    process_environment,
     run_process,
     run_shell,
     write_export,
@@ -280,7 +278,7 @@ async def update_exposes(rt: Runtime, new: DeploymentSpec) -> None:
         await _open_forward(rt, local, remote)
     if rt.client is not None and rt.request is not None:
         ports = tuple(sorted({remote for _, remote in wanted}))
-        await update_service_ports(rt.client, rt.request, ports)
+        await cluster.update_service_ports(rt.client, rt.request, ports)
 
 
 async def export_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
@@ -297,18 +295,8 @@ async def export_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
 
 
 def process_env(rt: Runtime) -> dict[str, str]:
-    """The local process's environment: local, then pod, TELEPRESENCE_*, then the overrides."""
-    info = rt.need_pod_info()
-    assert rt.pod is not None
-    return process_environment(
-        os.environ,
-        info.env,
-        pod=rt.pod.pod,
-        container=rt.pod.container,
-        root=rt.volume_root,
-        mounts=rt.volume_mounts or info.mounts,
-        overrides=rt.spec.env.as_dict(),
-    )
+    """The local process's environment: local, then the pod's side (:meth:`Runtime.pod_env`)."""
+    return {**os.environ, **rt.pod_env()}
 
 
 async def process_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
