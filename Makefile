@@ -22,26 +22,33 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/tpconf schema --check
 
-# Unit and integration tests need no cluster; e2e tests start the local one (or use $$KUBECONFIG).
+# What the e2e tests and the benchmarks run against: with KUBECONFIG unset (or the local one's),
+# the local cluster, started (and the agent image loaded into it) before them, in this order;
+# another KUBECONFIG is used as it is. pytest itself never starts a cluster: its `cluster` fixture
+# fails with what to run when none answers.
+CLUSTER_PREREQS := $(if $(filter-out $(KUBECONFIG_LOCAL),$(KUBECONFIG)),,cluster agent-image)
+WITH_KUBECONFIG := KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)}
+
+# Unit and integration tests need no cluster (`make test-unit`); e2e tests need the one above.
 # The benchmarks only have to run to completion here (`--quick`); numbers come from `make bench`.
-test: lint
-	$(BIN)/pytest
-	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} $(BIN)/python -m bench --quick
+test: lint $(CLUSTER_PREREQS)
+	$(WITH_KUBECONFIG) $(BIN)/pytest
+	$(WITH_KUBECONFIG) $(BIN)/python -m bench --quick
 
 test-unit: install
 	$(BIN)/pytest -m 'not e2e'
 
-test-e2e: install
-	$(BIN)/pytest -m e2e
+test-e2e: install $(CLUSTER_PREREQS)
+	$(WITH_KUBECONFIG) $(BIN)/pytest -m e2e
 
 schema: install
 	$(BIN)/tpconf schema
 
-bench: install cluster
-	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} $(BIN)/python -m bench
+bench: install $(CLUSTER_PREREQS)
+	$(WITH_KUBECONFIG) $(BIN)/python -m bench
 
-bench-quick: install cluster
-	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} $(BIN)/python -m bench --quick
+bench-quick: install $(CLUSTER_PREREQS)
+	$(WITH_KUBECONFIG) $(BIN)/python -m bench --quick
 
 # Installs only what is missing (no root needed when nothing is), so every entry point runs it.
 deps:

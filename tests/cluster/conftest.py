@@ -1,15 +1,14 @@
-"""Fixtures of the cluster tests: the real local cluster, a namespace per test, agent keys.
+"""Fixtures of the cluster tests: a namespace per test, tpconf's client, agent keys.
 
-``cluster`` (session) is the kubeconfig of a real cluster: ``$KUBECONFIG`` if set, else the local
-one at /var/lib/tpconf-cluster/admin.kubeconfig if it answers, else ``make cluster`` starts it.
-Setup objects are created through the plain ``kubernetes`` client (tests may import it; the
-package may not). Nothing here mocks the API server.
+The cluster itself is the shared session fixture ``cluster`` (tests/conftest.py: an
+:class:`~tests.conftest.E2ECluster`, never started from here). Setup objects are created through
+the plain ``kubernetes`` client (tests may import it; the package may not). Nothing here mocks
+the API server.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -17,57 +16,22 @@ from typing import Any
 
 import asyncssh
 import pytest
-import urllib3
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
-from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
-from tpconf.cluster import AgentKeys, Cluster, New, Operation, ProxyRequest, connect
+from tests.conftest import E2ECluster
+from tpconf.cluster import AgentKeys, Cluster, New, Operation, ProxyRequest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-LOCAL_KUBECONFIG = "/var/lib/tpconf-cluster/admin.kubeconfig"
 AGENT_IMAGE = "tpconf/agent:0.1.0"
 WORKLOAD_IMAGE = "tpconf.local/debian:12"
 OWNER = "e2e@tests"
 PROJECT = "0123456789abcdef"
 
 
-def _answers(kubeconfig: str) -> bool:
-    try:
-        api = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig, persist_config=False
-        )
-    except (ConfigException, OSError):
-        return False
-    try:
-        resp = api.call_api("GET", api.configuration.host + "/readyz", _request_timeout=5)
-        resp.read()
-        return bool(resp.status == 200)
-    except (ApiException, urllib3.exceptions.HTTPError, OSError):
-        return False
-    finally:
-        api.close()
-
-
 @pytest.fixture(scope="session")
-def cluster() -> str:
-    """The kubeconfig of a running cluster (started with `make cluster` if needed)."""
-    env = os.environ.get("KUBECONFIG")
-    if env:
-        return env
-    if os.path.exists(LOCAL_KUBECONFIG) and _answers(LOCAL_KUBECONFIG):
-        return LOCAL_KUBECONFIG
-    subprocess.run(["make", "-C", REPO, "cluster"], check=True, timeout=3600)
-    return LOCAL_KUBECONFIG
-
-
-@pytest.fixture(scope="session")
-def admin_api(cluster: str) -> Iterator[k8s.ApiClient]:
+def admin_api(cluster: E2ECluster) -> Iterator[k8s.ApiClient]:
     """The plain client, as admin: for test setup only."""
-    api = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
-        config_file=cluster, persist_config=False
-    )
+    api: Any = cluster.api_client()  # Any: the client's methods are untyped
     yield api
     api.close()
 
@@ -112,9 +76,9 @@ def namespace(admin_api: k8s.ApiClient) -> Iterator[Namespace]:
 
 
 @pytest.fixture
-async def kube(cluster: str, namespace: Namespace) -> AsyncIterator[Cluster]:
+async def kube(cluster: E2ECluster, namespace: Namespace) -> AsyncIterator[Cluster]:
     """tpconf's own Cluster, as admin, defaulting to the test's namespace."""
-    c = connect(kubeconfig=cluster, namespace=namespace.name)
+    c = cluster.connect(namespace.name)
     yield c
     c.close()
 

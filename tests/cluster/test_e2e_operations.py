@@ -29,6 +29,7 @@ from tests.cluster.conftest import (
     proxy_request,
     workload,
 )
+from tests.conftest import E2ECluster
 from tpconf import errors
 from tpconf.cluster import (
     AgentKeys,
@@ -198,11 +199,11 @@ CHILD = textwrap.dedent(
 
 
 async def test_down_restores_a_swap_whose_process_was_killed_with_sigkill(
-    cluster: str, kube: Cluster, namespace: Namespace, keys: AgentKeys
+    cluster: E2ECluster, kube: Cluster, namespace: Namespace, keys: AgentKeys
 ) -> None:
     make_workload(namespace, "web", 2)
     await wait_replicas(namespace, "web", 2)
-    argv = [sys.executable, "-c", CHILD, cluster, namespace.name]
+    argv = [sys.executable, "-c", CHILD, cluster.kubeconfig, namespace.name]
     argv += [keys.host_private_key, keys.authorized_keys]
     async with await anyio.open_process(argv, stdout=subprocess.PIPE, cwd=REPO) as child:
         try:

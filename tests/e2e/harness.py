@@ -11,14 +11,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import LOCAL_STATE, Cluster
+from tests.conftest import LOCAL_STATE, E2ECluster
 
 TPCONF = [sys.executable, "-m", "tpconf"]
 
 
-def tpconf_env(cluster: Cluster) -> dict[str, str]:
+def tpconf_env(cluster: E2ECluster) -> dict[str, str]:
     env = dict(os.environ)
-    env["KUBECONFIG"] = str(cluster.kubeconfig)
+    env["KUBECONFIG"] = cluster.kubeconfig
     env["TPCONF_KUBECTL"] = cluster.kubectl_path
     env["NO_COLOR"] = "1"
     env["PATH"] = f"{LOCAL_STATE / 'bin'}:{env.get('PATH', '')}"
@@ -40,7 +40,7 @@ def wait_until(check: Callable[[], object], timeout: float, what: str) -> object
 class Up:
     """One `tpconf up` in ``project``; its output goes to ``project/up.log``."""
 
-    def __init__(self, cluster: Cluster, project: Path) -> None:
+    def __init__(self, cluster: E2ECluster, project: Path) -> None:
         self.cluster = cluster
         self.project = project
         self.log_path = project / "up.log"
@@ -101,7 +101,7 @@ class Up:
 
 
 def run_tpconf(
-    cluster: Cluster, project: Path, *args: str, timeout: float = 120
+    cluster: E2ECluster, project: Path, *args: str, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """Run one tpconf command in ``project``, whatever its exit code."""
     return subprocess.run(
@@ -115,7 +115,7 @@ def run_tpconf(
     )
 
 
-def tpconf(cluster: Cluster, project: Path, *args: str, timeout: float = 120) -> str:
+def tpconf(cluster: E2ECluster, project: Path, *args: str, timeout: float = 120) -> str:
     """Run one tpconf command in ``project``; return its stdout (fails on a non-zero exit)."""
     proc = run_tpconf(cluster, project, *args, timeout=timeout)
     assert proc.returncode == 0, f"tpconf {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import Cluster
+from tests.conftest import E2ECluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -23,7 +23,7 @@ NGINX = "tpconf.local/nginx:1"
 TOOLS = "tpconf.local/debian:12"
 
 
-def _tools_pod(cluster: Cluster, namespace: str, name: str) -> None:
+def _tools_pod(cluster: E2ECluster, namespace: str, name: str) -> None:
     cluster.kubectl(
         "-n", namespace, "run", name, f"--image={TOOLS}", "--image-pull-policy=Never",
         "--restart=Never", "--command", "--", "sleep", "3600",
@@ -34,7 +34,7 @@ def _tools_pod(cluster: Cluster, namespace: str, name: str) -> None:
 
 
 @pytest.fixture
-def helloworld(cluster: Cluster, namespace: str) -> str:
+def helloworld(cluster: E2ECluster, namespace: str) -> str:
     cluster.kubectl("-n", namespace, "create", "deployment", "helloworld", f"--image={NGINX}")
     cluster.kubectl("-n", namespace, "expose", "deployment", "helloworld", "--port=80")
     cluster.kubectl(
@@ -43,7 +43,9 @@ def helloworld(cluster: Cluster, namespace: str) -> str:
     return namespace
 
 
-def test_helloworld_reachable_by_every_service_name_form(cluster: Cluster, helloworld: str) -> None:
+def test_helloworld_reachable_by_every_service_name_form(
+    cluster: E2ECluster, helloworld: str
+) -> None:
     ns = helloworld
     _tools_pod(cluster, ns, "client")
     for host in ("helloworld", f"helloworld.{ns}", f"helloworld.{ns}.svc.cluster.local"):
@@ -54,7 +56,7 @@ def test_helloworld_reachable_by_every_service_name_form(cluster: Cluster, hello
 
 
 def test_pod_started_after_service_gets_service_env_and_serviceaccount_files(
-    cluster: Cluster, helloworld: str
+    cluster: E2ECluster, helloworld: str
 ) -> None:
     ns = helloworld
     _tools_pod(cluster, ns, "late")
@@ -67,13 +69,13 @@ def test_pod_started_after_service_gets_service_env_and_serviceaccount_files(
     assert cluster.kubectl("-n", ns, "exec", "late", "--", "cat", f"{sa}/namespace").stdout == ns
 
 
-def test_port_forward_and_logs(cluster: Cluster, helloworld: str) -> None:
+def test_port_forward_and_logs(cluster: E2ECluster, helloworld: str) -> None:
     ns = helloworld
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with subprocess.Popen(
-        [cluster.kubectl_path, "--kubeconfig", str(cluster.kubeconfig), "-n", ns,
+        [cluster.kubectl_path, "--kubeconfig", cluster.kubeconfig, "-n", ns,
          "port-forward", "deployment/helloworld", f"{port}:80"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     ) as pf:  # fmt: skip
@@ -93,10 +95,10 @@ def test_port_forward_and_logs(cluster: Cluster, helloworld: str) -> None:
     assert "GET / " in logs
 
 
-def test_python_client_lists_pods(cluster: Cluster, helloworld: str) -> None:
-    from kubernetes import client, config  # only tpconf.cluster imports kubernetes in the package
+def test_python_client_lists_pods(cluster: E2ECluster, helloworld: str) -> None:
+    from kubernetes import client  # only tpconf.cluster imports kubernetes in the package
 
-    api_client = config.new_client_from_config(str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
+    api_client = cluster.api_client()
     pods = client.CoreV1Api(api_client).list_namespaced_pod(
         helloworld, label_selector="app=helloworld"
     )

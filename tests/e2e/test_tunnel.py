@@ -11,7 +11,7 @@ from functools import partial
 import anyio
 import pytest
 
-from tests.conftest import Cluster
+from tests.conftest import E2ECluster
 from tests.e2e.test_up import helloworld
 from tpconf import cluster as k8s
 from tpconf.errors import HostKeyMismatch, TpconfError
@@ -39,11 +39,9 @@ class Agent:
 
 
 @pytest.fixture
-async def agent(cluster: Cluster, namespace: str) -> AsyncIterator[Agent]:
+async def agent(cluster: E2ECluster, namespace: str) -> AsyncIterator[Agent]:
     helloworld(cluster, namespace)
-    client = await anyio.to_thread.run_sync(
-        partial(k8s.connect, str(cluster.kubeconfig), None, namespace)
-    )
+    client = await anyio.to_thread.run_sync(cluster.connect, namespace)
     keys = ProxyKeys.generate(comment="e2e")
     request = k8s.ProxyRequest(
         name="agent",
@@ -62,7 +60,7 @@ async def agent(cluster: Cluster, namespace: str) -> AsyncIterator[Agent]:
             namespace=namespace,
             resource=f"pod/{pod.pod}",
             kubectl=cluster.kubectl_path,
-            kubeconfig=str(cluster.kubeconfig),
+            kubeconfig=cluster.kubeconfig,
         )
         yield Agent(client, proxy, pod, keys, target)
     finally:
@@ -102,7 +100,7 @@ async def test_a_wrong_host_key_is_refused(agent: Agent) -> None:
 
 
 async def test_deleting_the_agent_pod_reconnects_by_itself(
-    agent: Agent, cluster: Cluster, namespace: str
+    agent: Agent, cluster: E2ECluster, namespace: str
 ) -> None:
     events: list[TunnelEvent] = []
 

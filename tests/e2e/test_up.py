@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster
+from tests.conftest import E2ECluster
 from tests.e2e.harness import Up, run_tpconf, tpconf, wait_until, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -56,17 +56,17 @@ ECHO_CLIENT = textwrap.dedent(
 )
 
 
-def _deploy(cluster: Cluster, ns: str, manifest: str) -> None:
+def _deploy(cluster: E2ECluster, ns: str, manifest: str) -> None:
     cluster.kubectl("-n", ns, "apply", "-f", "-", input=manifest)
 
 
-def helloworld(cluster: Cluster, ns: str, name: str = "helloworld") -> None:
+def helloworld(cluster: E2ECluster, ns: str, name: str = "helloworld") -> None:
     cluster.kubectl("-n", ns, "create", "deployment", name, f"--image={NGINX}")
     cluster.kubectl("-n", ns, "expose", "deployment", name, "--port=80")
     cluster.kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=120s")
 
 
-def echo_service(cluster: Cluster, ns: str) -> None:
+def echo_service(cluster: E2ECluster, ns: str) -> None:
     cmd = ["python3", "-c", ECHO_SERVER]
     _deploy(
         cluster,
@@ -97,7 +97,7 @@ spec:
     cluster.kubectl("-n", ns, "rollout", "status", "deployment/echo", "--timeout=120s")
 
 
-def swappable(cluster: Cluster, ns: str, name: str = "web", replicas: int = 2) -> None:
+def swappable(cluster: E2ECluster, ns: str, name: str = "web", replicas: int = 2) -> None:
     """A Deployment with its own env, to be swapped."""
     _deploy(
         cluster,
@@ -123,7 +123,7 @@ spec:
     cluster.kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=120s")
 
 
-def tools_pod(cluster: Cluster, ns: str) -> None:
+def tools_pod(cluster: E2ECluster, ns: str) -> None:
     cluster.kubectl(
         "-n", ns, "run", "client", f"--image={TOOLS}", "--image-pull-policy=Never",
         "--restart=Never", "--command", "--", "sleep", "3600",
@@ -135,14 +135,14 @@ def file_text(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
-def replicas(cluster: Cluster, ns: str, name: str) -> str:
+def replicas(cluster: E2ECluster, ns: str, name: str) -> str:
     return cluster.kubectl(
         "-n", ns, "get", "deployment", name, "-o", "jsonpath={.spec.replicas}"
     ).stdout  # fmt: skip
 
 
 def test_quickstart_process_reaches_services_by_every_name_and_gets_the_pod_env(
-    cluster: Cluster, namespace: str, tmp_path: Path
+    cluster: E2ECluster, namespace: str, tmp_path: Path
 ) -> None:
     ns = namespace
     helloworld(cluster, ns)
@@ -202,7 +202,7 @@ deployments:
 
 
 def test_exposed_local_server_is_reachable_from_a_pod_through_the_service(
-    cluster: Cluster, namespace: str, tmp_path: Path
+    cluster: E2ECluster, namespace: str, tmp_path: Path
 ) -> None:
     ns = namespace
     tools_pod(cluster, ns)
@@ -241,7 +241,7 @@ deployments:
 
 
 def test_swap_keeps_the_pods_env_and_restores_the_replicas(
-    cluster: Cluster, namespace: str, tmp_path: Path
+    cluster: E2ECluster, namespace: str, tmp_path: Path
 ) -> None:
     ns = namespace
     swappable(cluster, ns, replicas=2)
@@ -275,7 +275,7 @@ deployments:
 
 
 def test_hot_reload_changes_only_what_changed(
-    cluster: Cluster, namespace: str, tmp_path: Path
+    cluster: E2ECluster, namespace: str, tmp_path: Path
 ) -> None:
     ns = namespace
     echo_service(cluster, ns)
@@ -351,7 +351,7 @@ deployments:
 
 
 def test_down_after_kill_9_restores_the_swap_and_removes_the_proxy(
-    cluster: Cluster, namespace: str, tmp_path: Path
+    cluster: E2ECluster, namespace: str, tmp_path: Path
 ) -> None:
     ns = namespace
     swappable(cluster, ns, name="web", replicas=2)
@@ -396,7 +396,7 @@ deployments:
 
 
 def test_shell_true_opens_an_interactive_shell_with_the_pod_env(
-    cluster: Cluster, namespace: str, tmp_path: Path
+    cluster: E2ECluster, namespace: str, tmp_path: Path
 ) -> None:
     import os
     import pty

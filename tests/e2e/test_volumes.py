@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster
+from tests.conftest import E2ECluster
 from tests.e2e.harness import Up, wait_until, write_config
 from tests.e2e.test_up import NGINX, file_text
 
@@ -16,7 +16,7 @@ SA = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def test_swapped_deployment_volumes_appear_locally(
-    cluster: Cluster, namespace: str, tmp_path: Path
+    cluster: E2ECluster, namespace: str, tmp_path: Path
 ) -> None:
     ns = namespace
     cluster.kubectl("-n", ns, "create", "secret", "generic", "db", "--from-literal=password=s3cret")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import Cluster
+from tests.conftest import E2ECluster
 from tests.e2e.harness import TPCONF, Up, tpconf_env, wait_until, write_config
 from tests.e2e.test_up import helloworld
 
@@ -73,7 +73,7 @@ def _marker_server(address: str) -> socket.socket:
 
 
 @pytest.fixture
-def laptop(cluster: Cluster, tmp_path: Path) -> Iterator[Laptop]:
+def laptop(cluster: E2ECluster, tmp_path: Path) -> Iterator[Laptop]:
     if os.geteuid() != 0:
         pytest.skip("vpn-tcp needs root (network namespaces, iptables)")
     n = random.randint(2, 250)
@@ -81,7 +81,7 @@ def laptop(cluster: Cluster, tmp_path: Path) -> Iterator[Laptop]:
     gateway, inside = f"10.249.{n}.1", f"10.249.{n}.2"
     listed, unlisted = f"10.77.{n}.1", f"10.78.{n}.1"
     node_ip = sh("sh", "-c", "ip -4 route get 1.1.1.1 | awk '{print $7; exit}'").stdout.strip()
-    config = yaml.safe_load(cluster.kubeconfig.read_text())
+    config = yaml.safe_load(Path(cluster.kubeconfig).read_text())
     for entry in config["clusters"]:
         entry["cluster"]["server"] = f"https://{node_ip}:6443"
     kubeconfig = tmp_path / "kubeconfig"
@@ -131,7 +131,7 @@ def laptop(cluster: Cluster, tmp_path: Path) -> Iterator[Laptop]:
 class NetnsUp(Up):
     """`tpconf up` inside the laptop namespace."""
 
-    def __init__(self, cluster: Cluster, project: Path, laptop: Laptop) -> None:
+    def __init__(self, cluster: E2ECluster, project: Path, laptop: Laptop) -> None:
         super().__init__(cluster, project)
         self.laptop = laptop
 
@@ -166,7 +166,7 @@ deployments:
 
 
 def test_vpn_tcp_serves_every_process_of_the_machine(
-    cluster: Cluster, namespace: str, tmp_path: Path, laptop: Laptop
+    cluster: E2ECluster, namespace: str, tmp_path: Path, laptop: Laptop
 ) -> None:
     ns = namespace
     helloworld(cluster, ns)
