@@ -19,11 +19,13 @@ import pytest
 from kubernetes import client as k8s
 
 from tests.conftest import E2ECluster
+from tests.e2e import harness
+from tests.e2e.harness import config_map_volume, container, deployment
 from tpconf.cluster import AgentKeys, Cluster, New, Operation, ProxyRequest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AGENT_IMAGE = "tpconf/agent:0.1.0"
-WORKLOAD_IMAGE = "tpconf.local/debian:12"
+WORKLOAD_IMAGE = harness.TOOLS
 OWNER = "e2e@tests"
 PROJECT = "0123456789abcdef"
 
@@ -119,54 +121,40 @@ def proxy_request(
     )
 
 
+RESTRICTED = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "runAsUser": 2000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
 def workload(name: str, replicas: int, *, labels: dict[str, str] | None = None) -> dict[str, Any]:
     """An ordinary Deployment to swap: env, envFrom, a ConfigMap volume, a sidecar, probes."""
-    labels = labels or {"app": name}
-    restricted = {
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-        "runAsNonRoot": True,
-        "runAsUser": 2000,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "volumes": [{"name": "config", "configMap": {"name": f"{name}-config"}}],
-                    "containers": [
-                        {
-                            "name": "app",
-                            "image": WORKLOAD_IMAGE,
-                            "imagePullPolicy": "Never",
-                            "command": ["sleep", "infinity"],
-                            "env": [{"name": "GREETING", "value": "hello from the pod"}],
-                            "envFrom": [{"configMapRef": {"name": f"{name}-config"}}],
-                            "ports": [{"containerPort": 8080, "protocol": "TCP"}],
-                            "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1},
-                            "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}],
-                            "securityContext": restricted,
-                        },
-                        {
-                            "name": "sidecar",
-                            "image": WORKLOAD_IMAGE,
-                            "imagePullPolicy": "Never",
-                            "command": ["sleep", "infinity"],
-                            "securityContext": restricted,
-                        },
-                    ],
-                },
-            },
-        },
-    }
+    app = container(
+        "app",
+        WORKLOAD_IMAGE,
+        command=["sleep", "infinity"],
+        env={"GREETING": "hello from the pod"},
+        ports=[8080],
+        envFrom=[{"configMapRef": {"name": f"{name}-config"}}],
+        readinessProbe={"exec": {"command": ["true"]}, "periodSeconds": 1},
+        securityContext=dict(RESTRICTED),
+    )
+    sidecar = container(
+        "sidecar", WORKLOAD_IMAGE, command=["sleep", "infinity"], securityContext=dict(RESTRICTED)
+    )
+    return deployment(
+        name,
+        replicas=replicas,
+        labels=labels,
+        containers=[app, sidecar],
+        volumes=[config_map_volume("config", "/etc/app", config_map=f"{name}-config")],
+        terminationGracePeriodSeconds=1,
+    )
 
 
 def config_map(name: str) -> dict[str, Any]:
-    return {"metadata": {"name": f"{name}-config"}, "data": {"FROM_CONFIGMAP": "yes"}}
+    """The ConfigMap :func:`workload` ``name`` reads."""
+    return harness.config_map(f"{name}-config", {"FROM_CONFIGMAP": "yes"})

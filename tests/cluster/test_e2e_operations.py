@@ -30,6 +30,7 @@ from tests.cluster.conftest import (
     workload,
 )
 from tests.conftest import E2ECluster
+from tests.e2e.harness import container, deployment, secret_volume
 from tpconf import errors
 from tpconf.cluster import (
     AgentKeys,
@@ -252,50 +253,26 @@ async def test_the_next_up_adopts_our_own_crashed_swap_and_keeps_the_original_re
 
 def existing_proxy(name: str, image: str) -> dict[str, Any]:
     """A user's own Deployment running the agent, as docs/agent.md describes."""
-    labels = {"app": name}
-    return {
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [
-                        {
-                            "name": "proxy",
-                            "image": image,
-                            "imagePullPolicy": "Never",
-                            "readinessProbe": {
-                                "exec": {
-                                    "command": ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8022"]
-                                },
-                                "periodSeconds": 1,
-                            },
-                            "securityContext": {
-                                "allowPrivilegeEscalation": False,
-                                "capabilities": {"drop": ["ALL"]},
-                            },
-                            "volumeMounts": [
-                                {"name": "keys", "mountPath": "/etc/tpconf/keys", "readOnly": True}
-                            ],
-                        }
-                    ],
-                    "volumes": [
-                        {
-                            "name": "keys",
-                            "secret": {"secretName": f"{name}-tpconf-keys", "defaultMode": 0o440},
-                        }
-                    ],
-                },
-            },
+    proxy = container(
+        "proxy",
+        image,
+        readinessProbe={
+            "exec": {"command": ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8022"]},
+            "periodSeconds": 1,
         },
-    }
+        securityContext={"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    )
+    keys = secret_volume(
+        "keys", "/etc/tpconf/keys", secret=f"{name}-tpconf-keys", read_only=True, mode=0o440
+    )
+    return deployment(
+        name,
+        replicas=1,
+        containers=[proxy],
+        volumes=[keys],
+        terminationGracePeriodSeconds=1,
+        securityContext={"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+    )
 
 
 async def test_existing_uses_a_deployment_running_the_agent_and_explains_a_bad_one(

@@ -19,6 +19,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster.conftest import WORKLOAD_IMAGE, Namespace
+from tests.e2e import harness
 from tpconf import errors
 from tpconf.cluster import Cluster, ClusterNetworks, discover_networks, from_token
 from tpconf.cluster import errors as cerrors
@@ -161,23 +162,10 @@ def _grant(ns: Namespace, where: str, name: str, sa: str, rules: list[dict[str, 
 
 async def _running_pod(ns: Namespace, name: str) -> str:
     """Start a pod in the namespace; its pod IP once it has one."""
-    ns.core.create_namespaced_pod(
-        ns.name,
-        {
-            "metadata": {"name": name},
-            "spec": {
-                "terminationGracePeriodSeconds": 0,
-                "containers": [
-                    {
-                        "name": "main",
-                        "image": WORKLOAD_IMAGE,
-                        "imagePullPolicy": "Never",
-                        "command": ["sleep", "infinity"],
-                    }
-                ],
-            },
-        },
+    body = harness.pod(
+        name, WORKLOAD_IMAGE, command=["sleep", "infinity"], terminationGracePeriodSeconds=0
     )
+    ns.core.create_namespaced_pod(ns.name, body)
     with anyio.fail_after(60):
         while True:
             pod = await anyio.to_thread.run_sync(ns.core.read_namespaced_pod, name, ns.name)

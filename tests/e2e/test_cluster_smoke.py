@@ -16,30 +16,15 @@ import urllib.request
 import pytest
 
 from tests.conftest import E2ECluster
+from tests.e2e import harness
+from tests.e2e.harness import tools_pod
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
-
-NGINX = "tpconf.local/nginx:1"
-TOOLS = "tpconf.local/debian:12"
-
-
-def _tools_pod(cluster: E2ECluster, namespace: str, name: str) -> None:
-    cluster.kubectl(
-        "-n", namespace, "run", name, f"--image={TOOLS}", "--image-pull-policy=Never",
-        "--restart=Never", "--command", "--", "sleep", "3600",
-    )  # fmt: skip
-    cluster.kubectl(
-        "-n", namespace, "wait", "--for=condition=Ready", f"pod/{name}", "--timeout=120s"
-    )
 
 
 @pytest.fixture
 def helloworld(cluster: E2ECluster, namespace: str) -> str:
-    cluster.kubectl("-n", namespace, "create", "deployment", "helloworld", f"--image={NGINX}")
-    cluster.kubectl("-n", namespace, "expose", "deployment", "helloworld", "--port=80")
-    cluster.kubectl(
-        "-n", namespace, "rollout", "status", "deployment/helloworld", "--timeout=120s"
-    )  # fmt: skip
+    harness.helloworld(cluster, namespace)
     return namespace
 
 
@@ -47,7 +32,7 @@ def test_helloworld_reachable_by_every_service_name_form(
     cluster: E2ECluster, helloworld: str
 ) -> None:
     ns = helloworld
-    _tools_pod(cluster, ns, "client")
+    tools_pod(cluster, ns, "client")
     for host in ("helloworld", f"helloworld.{ns}", f"helloworld.{ns}.svc.cluster.local"):
         out = cluster.kubectl(
             "-n", ns, "exec", "client", "--", "curl", "-sS", "--max-time", "10", f"http://{host}/"
@@ -59,7 +44,7 @@ def test_pod_started_after_service_gets_service_env_and_serviceaccount_files(
     cluster: E2ECluster, helloworld: str
 ) -> None:
     ns = helloworld
-    _tools_pod(cluster, ns, "late")
+    tools_pod(cluster, ns, "late")
     env = cluster.kubectl("-n", ns, "exec", "late", "--", "env").stdout
     assert re.search(r"^HELLOWORLD_SERVICE_HOST=10\.", env, re.MULTILINE), env
     assert re.search(r"^KUBERNETES_SERVICE_HOST=", env, re.MULTILINE), env

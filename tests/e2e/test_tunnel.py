@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from tests.conftest import E2ECluster
-from tests.e2e.test_up import helloworld
+from tests.e2e.harness import helloworld
 from tpconf import cluster as k8s
 from tpconf.errors import HostKeyMismatch, TpconfError
 from tpconf.tunnel import (

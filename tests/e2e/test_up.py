@@ -15,12 +15,23 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import E2ECluster
-from tests.e2e.harness import Up, run_tpconf, tpconf, wait_until, write_config
+from tests.e2e.harness import (
+    NGINX,
+    TOOLS,
+    Up,
+    deploy,
+    deployment,
+    file_text,
+    helloworld,
+    run_tpconf,
+    service,
+    tools_pod,
+    tpconf,
+    wait_until,
+    write_config,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
-
-NGINX = "tpconf.local/nginx:1"
-TOOLS = "tpconf.local/debian:12"
 
 ECHO_SERVER = (
     "import socket, threading\n"
@@ -56,83 +67,19 @@ ECHO_CLIENT = textwrap.dedent(
 )
 
 
-def _deploy(cluster: E2ECluster, ns: str, manifest: str) -> None:
-    cluster.kubectl("-n", ns, "apply", "-f", "-", input=manifest)
-
-
-def helloworld(cluster: E2ECluster, ns: str, name: str = "helloworld") -> None:
-    cluster.kubectl("-n", ns, "create", "deployment", name, f"--image={NGINX}")
-    cluster.kubectl("-n", ns, "expose", "deployment", name, "--port=80")
-    cluster.kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=120s")
-
-
 def echo_service(cluster: E2ECluster, ns: str) -> None:
-    cmd = ["python3", "-c", ECHO_SERVER]
-    _deploy(
+    deploy(
         cluster,
         ns,
-        f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: echo}}
-spec:
-  selector: {{matchLabels: {{app: echo}}}}
-  template:
-    metadata: {{labels: {{app: echo}}}}
-    spec:
-      containers:
-      - name: echo
-        image: {TOOLS}
-        imagePullPolicy: Never
-        command: {json.dumps(cmd)}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: echo}}
-spec:
-  selector: {{app: echo}}
-  ports: [{{port: 7777}}]
-""",
+        deployment("echo", TOOLS, command=["python3", "-c", ECHO_SERVER]),
+        service("echo", [7777]),
     )
-    cluster.kubectl("-n", ns, "rollout", "status", "deployment/echo", "--timeout=120s")
 
 
 def swappable(cluster: E2ECluster, ns: str, name: str = "web", replicas: int = 2) -> None:
     """A Deployment with its own env, to be swapped."""
-    _deploy(
-        cluster,
-        ns,
-        f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}}}
-spec:
-  replicas: {replicas}
-  selector: {{matchLabels: {{app: {name}}}}}
-  template:
-    metadata: {{labels: {{app: {name}}}}}
-    spec:
-      containers:
-      - name: main
-        image: {NGINX}
-        env:
-        - {{name: MYENV, value: hello-from-the-pod}}
-        - {{name: MULTILINE, value: "line one\\nline two"}}
-""",
-    )
-    cluster.kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=120s")
-
-
-def tools_pod(cluster: E2ECluster, ns: str) -> None:
-    cluster.kubectl(
-        "-n", ns, "run", "client", f"--image={TOOLS}", "--image-pull-policy=Never",
-        "--restart=Never", "--command", "--", "sleep", "3600",
-    )  # fmt: skip
-    cluster.kubectl("-n", ns, "wait", "--for=condition=Ready", "pod/client", "--timeout=120s")
-
-
-def file_text(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
+    env = {"MYENV": "hello-from-the-pod", "MULTILINE": "line one\nline two"}
+    deploy(cluster, ns, deployment(name, NGINX, env=env, replicas=replicas))
 
 
 def replicas(cluster: E2ECluster, ns: str, name: str) -> str:

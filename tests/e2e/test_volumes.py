@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import E2ECluster
-from tests.e2e.harness import Up, wait_until, write_config
-from tests.e2e.test_up import NGINX, file_text
+from tests.e2e import harness
+from tests.e2e.harness import Up, file_text, wait_until, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -19,35 +19,20 @@ def test_swapped_deployment_volumes_appear_locally(
     cluster: E2ECluster, namespace: str, tmp_path: Path
 ) -> None:
     ns = namespace
-    cluster.kubectl("-n", ns, "create", "secret", "generic", "db", "--from-literal=password=s3cret")
-    cluster.kubectl("-n", ns, "create", "configmap", "settings", "--from-literal=mode=fast")
-    cluster.kubectl(
-        "-n",
+    harness.deploy(
+        cluster,
         ns,
-        "apply",
-        "-f",
-        "-",
-        input=f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: app}}
-spec:
-  selector: {{matchLabels: {{app: app}}}}
-  template:
-    metadata: {{labels: {{app: app}}}}
-    spec:
-      containers:
-      - name: main
-        image: {NGINX}
-        volumeMounts:
-        - {{name: db, mountPath: /etc/db, readOnly: true}}
-        - {{name: settings, mountPath: /etc/settings}}
-      volumes:
-      - {{name: db, secret: {{secretName: db}}}}
-      - {{name: settings, configMap: {{name: settings}}}}
-""",
+        harness.secret("db", {"password": "s3cret"}),
+        harness.config_map("settings", {"mode": "fast"}),
+        harness.deployment(
+            "app",
+            harness.NGINX,
+            volumes=[
+                harness.secret_volume("db", "/etc/db", read_only=True),
+                harness.config_map_volume("settings", "/etc/settings"),
+            ],
+        ),
     )
-    cluster.kubectl("-n", ns, "rollout", "status", "deployment/app", "--timeout=120s")
     script = (
         'cat "$TELEPRESENCE_ROOT/etc/db/password" > password.txt; '
         'cat "$TELEPRESENCE_ROOT/etc/settings/mode" > mode.txt; '

@@ -22,8 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import E2ECluster
-from tests.e2e.harness import TPCONF, Up, tpconf_env, wait_until, write_config
-from tests.e2e.test_up import helloworld
+from tests.e2e.harness import TPCONF, Up, helloworld, tpconf_env, wait_until, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.timeout(420)]
 
