@@ -32,6 +32,9 @@ class Sizes:
     reload_edits: int
     volume_bytes: int
     volume_runs: int
+    loopback_bytes: int
+    """Bytes each way per loopback tunnel sample (a multiple of 256 KiB)."""
+    loopback_runs: int
 
 
 FULL = Sizes(
@@ -49,6 +52,8 @@ FULL = Sizes(
     reload_edits=5,
     volume_bytes=50 * 1000 * 1000,
     volume_runs=5,
+    loopback_bytes=16 << 20,
+    loopback_runs=3,
 )
 QUICK = Sizes(
     rtt_count=5,
@@ -65,6 +70,8 @@ QUICK = Sizes(
     reload_edits=1,
     volume_bytes=5 * 1000 * 1000,
     volume_runs=1,
+    loopback_bytes=1 << 20,
+    loopback_runs=1,
 )
 
 

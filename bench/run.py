@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from bench import dns, net, startup, transport, tuning, up, vpn
+from bench import dns, loopback, net, startup, transport, tuning, up, vpn
 from bench.context import FULL, QUICK, Bench
 from bench.kube import bench_namespace
 
@@ -42,6 +42,7 @@ MEASUREMENTS: list[tuple[str, Measure]] = [
     ("transport", transport.transport),
     ("startup", startup.startup),
     ("tuning", tuning.tuning),
+    ("loopback", loopback.loopback),
     ("up", up.tpconf_up),
     ("reload", up.hot_reload),
     ("volumes", up.volumes),

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,25 +270,6 @@ async def test_packets_that_are_not_plain_queries_never_come_from_the_reply_cach
         await dns.server.answer(query(HELLO))
     assert dns.server.cached_reply(query(HELLO, qid=9)) is not None
     assert dns.server.cached_reply(packet) is None
-
-
-async def test_cached_path_latency_over_udp(dns: Setup) -> None:
-    """Prints the cached answer's latency with and without the reply cache (no assertion)."""
-    packet = query(HELLO)
-    times: dict[str, list[float]] = {"reply cache": [], "dnslib": []}
-    async with await anyio.create_connected_udp_socket("127.0.0.1", dns.port) as sock:
-        for _ in range(2000):
-            for path, samples in times.items():
-                if path == "dnslib":
-                    dns.server._replies.clear()
-                start = time.perf_counter()
-                await sock.send(packet)
-                await sock.receive()
-                samples.append((time.perf_counter() - start) * 1e3)
-    print(
-        "DnsServer cached answer over UDP, median: "
-        + ", ".join(f"{path} {statistics.median(xs):.3f} ms" for path, xs in times.items())
-    )
 
 
 # -- the upstream mark ------------------------------------------------------------------------

@@ -2,22 +2,20 @@
 
 Order, close/abort/EOF, the queue bound and flow control against a recording transport and
 real sockets; then through ``open_tunnel`` against the in-process agent server, including a
-socketpair endpoint (the ``kubernetes`` client's port-forward socket has no peer name) and a
-printed loopback throughput comparison (never asserted: speed is for bench/).
+socketpair endpoint (the ``kubernetes`` client's port-forward socket has no peer name). The
+loopback throughput with and without coalescing is measured by ``python -m bench --only loopback``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import statistics
-import time
 from typing import Any
 
 import anyio
 import pytest
 
-from tpconf.tunnel import ProxyKeys, Tunnel, TunnelSettings, open_tunnel
+from tpconf.tunnel import ProxyKeys, Tunnel, open_tunnel
 from tpconf.tunnel.coalesce import CoalescingProtocol, CoalescingTransport
 
 from .peers import agent_server, tcp_server
@@ -279,62 +277,3 @@ async def test_a_socketpair_endpoint_without_a_peer_name_works(keys: ProxyKeys) 
                     while len(received) < len(payload):
                         received += await stream.receive()
                 assert received == payload
-
-
-# ---- loopback throughput, printed (run with -s to see it) --------------------------------
-
-_MB = 16
-
-
-async def _upload(tunnel: Tunnel, port: int, size: int) -> float:
-    block = bytes(256 * 1024)
-    async with await tunnel.dial("127.0.0.1", port) as stream:
-        start = time.perf_counter()
-        for _ in range(size // len(block)):
-            await stream.send(block)
-        await stream.send_eof()
-        assert int.from_bytes(await stream.receive(), "big") == size
-        return size / (time.perf_counter() - start) / 1e6
-
-
-async def _download(tunnel: Tunnel, port: int, size: int) -> float:
-    async with await tunnel.dial("127.0.0.1", port) as stream:
-        start = time.perf_counter()
-        await stream.send(size.to_bytes(8, "big"))
-        received = 0
-        async for chunk in stream:
-            received += len(chunk)
-        assert received == size
-        return size / (time.perf_counter() - start) / 1e6
-
-
-async def test_loopback_throughput_with_and_without_coalescing_is_printed(
-    keys: ProxyKeys,
-) -> None:
-    variants = {
-        "coalesced (default)": TunnelSettings(),
-        "packet by packet": TunnelSettings(write_coalesce=0),
-        "packet by packet, 2 MiB window": TunnelSettings(
-            write_coalesce=0, channel_window=2 << 20, read_limit=1 << 20
-        ),
-    }
-    size = _MB * 1024 * 1024
-    samples: dict[tuple[str, str], list[float]] = {}
-    async with (
-        agent_server(keys) as agent,
-        tcp_server("sink") as sink,
-        tcp_server("source") as source,
-    ):
-        for _ in range(3):  # interleaved: one sample of each variant per round
-            for name, settings in variants.items():
-                async with open_tunnel(
-                    ("127.0.0.1", agent.port), keys.credentials(USER), settings=settings
-                ) as tunnel:
-                    with anyio.fail_after(60):
-                        up = await _upload(tunnel, sink, size)
-                        down = await _download(tunnel, source, size)
-                samples.setdefault((name, "upload"), []).append(up)
-                samples.setdefault((name, "download"), []).append(down)
-    print(f"\nloopback, in-process agent server, {_MB} MB, median of 3 (MB/s):")
-    for (name, direction), values in samples.items():
-        print(f"  {direction:8} {name:32} {statistics.median(values):7.1f}")
