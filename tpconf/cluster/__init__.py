@@ -10,10 +10,20 @@ Public API for the reconciler::
     await stop(cluster, request)                                      # undo one request
     report = await down(cluster, [namespace], owner=..., project=..., all=False)
 
-Modules: ``client`` (connection, threads, timeouts), ``errors`` (ApiException -> tpconf.errors),
-``labels`` (labels/annotations), ``manifests`` (pure builders), ``operations``, ``pods`` (waiting).
+Modules:
+
+- ``client``: the connection, worker threads, timeouts; ``errors``: ApiException -> tpconf.errors;
+- ``model``: the requests and results above; ``labels``: labels and annotations; ``manifests``:
+  pure builders of the objects;
+- ``objects``: reading, writing and deleting objects, and the one check of whose they are;
+- ``proxies``: the ``new`` and ``existing`` operations; ``swaps``: ``swap`` and ``restore``;
+  ``operations``: ``start``/``stop``, dispatching on the operation;
+- ``cleanup``: ``leftovers`` and ``down``; ``access``: the RBAC each operation needs, ``preflight``;
+- ``pods``: waiting for the agent pod; ``networks``: the pod and Service ranges (vpn-tcp).
 """
 
+from tpconf.cluster.access import preflight
+from tpconf.cluster.cleanup import Leftovers, down, leftovers
 from tpconf.cluster.client import Cluster, connect, from_token
 from tpconf.cluster.labels import default_owner, project_id
 from tpconf.cluster.model import (
@@ -28,20 +38,10 @@ from tpconf.cluster.model import (
     Swap,
 )
 from tpconf.cluster.networks import ClusterNetworks, discover_networks
-from tpconf.cluster.operations import (
-    Leftovers,
-    down,
-    existing,
-    leftovers,
-    new,
-    preflight,
-    restore,
-    start,
-    stop,
-    swap,
-    update_service_ports,
-)
+from tpconf.cluster.operations import start, stop
 from tpconf.cluster.pods import wait_for_pod
+from tpconf.cluster.proxies import existing, new, update_service_ports
+from tpconf.cluster.swaps import restore, swap
 
 __all__ = [
     "AgentKeys",

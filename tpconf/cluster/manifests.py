@@ -5,8 +5,8 @@
 - ``swap``: Deployment ``<original>-tpconf`` whose pod template is the original's with the chosen
   container turned into the agent (image, command; probes, lifecycle and workingDir removed; env,
   envFrom, volumeMounts, ports and resources kept; securityContext made restricted-compatible).
-- keys: Secret ``<proxy>-tpconf-keys`` (``host_key``, ``authorized_keys``) mounted read-only at
-  :data:`KEYS_MOUNT`.
+- keys: Secret ``<deployment>-tpconf-keys`` (``host_key``, ``authorized_keys``) mounted read-only
+  at :data:`KEYS_MOUNT` with mode :data:`KEYS_MODE`.
 
 Pod Security: the agent container is always ``restricted``-compliant (non-root, no privilege
 escalation, capabilities dropped, RuntimeDefault seccomp). Exposed remote ports below 1024 use
@@ -80,6 +80,17 @@ def keys_secret_name(deployment: str) -> str:
     """Name of the keys Secret: ``<deployment>-tpconf-keys`` (for ``new``, the proxy itself;
     for ``swap``, the swapped Deployment; for ``existing``, the user's Deployment)."""
     return deployment + KEYS_SUFFIX
+
+
+def agent_selector(req: ProxyRequest, proxy: str) -> str:
+    """The label selector of the agent pod of this start of proxy Deployment ``proxy``."""
+    return L.selector_string(
+        {
+            L.PROXY: L.label_value(proxy),
+            L.SESSION: L.label_value(req.session_id),
+            L.START: L.label_value(req.start_id),
+        }
+    )
 
 
 def _metadata(req: ProxyRequest, name: str, extra_labels: Mapping[str, str] | None = None) -> JSON:
@@ -266,7 +277,8 @@ def choose_container(
         return names.index(wanted)
     raise errors.NotFound(
         f"{what} has no container {wanted!r} (containers: {', '.join(names)})",
-        hint="set `container:` of this deployment in telepresence.yaml to one of them",
+        hint="name one of them in `swap:` of this deployment in telepresence.yaml "
+        "(`swap: DEPLOYMENT:CONTAINER`, or `container:` under `swap:`)",
     )
 
 
@@ -384,8 +396,8 @@ def check_existing(deployment: Mapping[str, Any], agent_image: str) -> str:
         raise errors.ClusterError(
             f'Deployment "{name}" does not run the tpconf agent: no container uses '
             f"{agent_image} or another */{AGENT_REPOSITORY} image (containers: {images})",
-            hint=f"use `operation: swap` for an ordinary workload, or run {agent_image} "
-            "in it (docs/agent.md)",
+            hint=f"use `swap:` instead of `existing:` for an ordinary workload, or run "
+            f"{agent_image} in it (docs/agent.md)",
         )
     agent = agents[0]
     secret = keys_secret_name(name)
@@ -403,7 +415,8 @@ def check_existing(deployment: Mapping[str, Any], agent_image: str) -> str:
         raise errors.ClusterError(
             f'Deployment "{name}": container "{agent.get("name")}" runs the agent but does not '
             f'mount Secret "{secret}" at {KEYS_MOUNT}',
-            hint=f"add a volume {{secret: {{secretName: {secret}, defaultMode: 0400}}}} and a "
-            f"volumeMount at {KEYS_MOUNT} (readOnly); tpconf writes the keys into that Secret",
+            hint=f"add a volume {{secret: {{secretName: {secret}, defaultMode: 0{KEYS_MODE:o}}}}} "
+            f"and a volumeMount at {KEYS_MOUNT} (readOnly) to the agent container; tpconf writes "
+            "the keys into that Secret (docs/agent.md has the whole Deployment)",
         )
     return str(agent["name"])

@@ -1,0 +1,106 @@
+"""What each operation may need to do in a namespace (:data:`ACCESS`, the same list as
+docs/rbac.yaml), and :func:`preflight`, which checks it before anything is created."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import anyio
+
+from tpconf import errors
+from tpconf.cluster.client import Cluster
+from tpconf.cluster.errors import RBAC_HINT
+from tpconf.cluster.model import Existing, New, Swap
+
+#: (verb, API group, resource) that each operation needs; ``None`` key: every operation.
+ACCESS: dict[type | None, tuple[tuple[str, str, str], ...]] = {
+    None: (
+        ("get", "apps", "deployments"),
+        ("list", "apps", "deployments"),
+        ("get", "", "pods"),
+        ("list", "", "pods"),
+        ("watch", "", "pods"),
+        ("create", "", "pods/portforward"),
+        ("get", "", "pods/portforward"),
+        ("get", "", "pods/log"),
+        ("list", "", "events"),
+        ("get", "", "secrets"),
+        ("create", "", "secrets"),
+        ("update", "", "secrets"),
+        ("delete", "", "secrets"),
+        ("list", "", "secrets"),
+    ),
+    New: (
+        ("create", "apps", "deployments"),
+        ("update", "apps", "deployments"),
+        ("delete", "apps", "deployments"),
+        ("get", "", "services"),
+        ("create", "", "services"),
+        ("patch", "", "services"),
+        ("delete", "", "services"),
+    ),
+    Swap: (
+        ("create", "apps", "deployments"),
+        ("update", "apps", "deployments"),
+        ("patch", "apps", "deployments"),
+        ("delete", "apps", "deployments"),
+        ("patch", "apps", "deployments/scale"),
+    ),
+    Existing: (("delete", "", "pods"),),
+}
+
+
+def required_access(operations: Iterable[type]) -> list[tuple[str, str, str]]:
+    """The (verb, group, resource) triples the given operation types need, without repeats."""
+    needed: dict[tuple[str, str, str], None] = dict.fromkeys(ACCESS[None])
+    for op in operations:
+        needed.update(dict.fromkeys(ACCESS.get(op, ())))
+    return list(needed)
+
+
+def _qualified(group: str, resource: str) -> str:
+    if not group:
+        return resource
+    base, _, sub = resource.partition("/")
+    return f"{base}.{group}" + (f"/{sub}" if sub else "")
+
+
+async def preflight(
+    cluster: Cluster, namespace: str, operations: Iterable[type] = (New, Swap, Existing)
+) -> None:
+    """Check with SelfSubjectAccessReviews that tpconf may do what ``operations`` need.
+
+    Raises :class:`~tpconf.errors.Forbidden` naming every missing ``verb resource`` (e.g.
+    ``create pods/portforward``) before anything is created, instead of failing half-way.
+    """
+    needed = required_access(operations)
+    denied: list[str] = []
+
+    async def check(verb: str, group: str, resource: str) -> None:
+        base, _, sub = resource.partition("/")
+        attrs = {"namespace": namespace, "verb": verb, "group": group, "resource": base}
+        if sub:
+            attrs["subresource"] = sub
+        review = await cluster.request(
+            "POST",
+            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+            what=f"check access to {verb} {_qualified(group, resource)}",
+            body={
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SelfSubjectAccessReview",
+                "spec": {"resourceAttributes": attrs},
+            },
+        )
+        if not (review.get("status") or {}).get("allowed"):
+            denied.append(f"{verb} {_qualified(group, resource)}")
+
+    async with anyio.create_task_group() as tg:
+        for verb, group, resource in needed:
+            tg.start_soon(check, verb, group, resource)
+    if denied:
+        order = {f"{v} {_qualified(g, r)}": i for i, (v, g, r) in enumerate(needed)}
+        denied.sort(key=order.__getitem__)
+        raise errors.Forbidden(
+            f'missing permissions in namespace "{namespace}": {", ".join(denied)}',
+            hint=RBAC_HINT.format(namespace=namespace),
+        )
