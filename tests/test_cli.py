@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import pytest
 
-from tpconf import __version__, cli
+from tpconf import __version__, cli, errors
 from tpconf.errors import ClusterError, ConfigError, Position
 
 VALID = "version: 1\ndeployments:\n  a:\n    new: true\n  b:\n    swap: web\n"
@@ -206,7 +206,7 @@ def test_an_unexpected_exception_is_a_bug_without_traceback(
     _add(boom, ZeroDivisionError("division by zero"))
     code, _, err = run(capsys, "boom")
     assert code == 1
-    assert err == f"error: ZeroDivisionError: division by zero\n{cli.BUG_MESSAGE}\n"
+    assert err == f"error: ZeroDivisionError: division by zero\n{errors.BUG_MESSAGE}\n"
 
 
 def test_debug_shows_the_traceback(
@@ -216,7 +216,7 @@ def test_debug_shows_the_traceback(
     code, _, err = run(capsys, "--debug", "boom")
     assert code == 1
     assert "Traceback (most recent call last)" in err
-    assert cli.BUG_MESSAGE in err
+    assert errors.BUG_MESSAGE in err
 
 
 def test_exception_groups_are_unwrapped_to_their_errors(

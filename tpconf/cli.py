@@ -9,11 +9,9 @@ a bug. ``--debug`` adds tracebacks. Colour is used only on a terminal (rich deci
 from __future__ import annotations
 
 import logging
-import os
-import shlex
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,20 +24,13 @@ from rich.table import Table
 from rich.text import Text
 
 from tpconf import __version__
-from tpconf.config import (
-    ConfigWarning,
-    DeploymentSpec,
-    ExistingOp,
-    NewOp,
-    Project,
-    SwapOp,
-    find_config_file,
-    load_project,
-)
+from tpconf.config import ConfigWarning, Project, find_config_file, load_project
 from tpconf.config.schema import DOCS_PATH, SCHEMA_PATH, docs_text, schema_text
-from tpconf.errors import ConfigError, TpconfError
+from tpconf.errors import ConfigError, TpconfError, explain, leaves
+from tpconf.methods import REGISTRY
 from tpconf.reconcile import control, state
-from tpconf.reconcile.plan import Plan, facets_of
+from tpconf.reconcile.describe import describe_deployment
+from tpconf.reconcile.plan import Plan, desired_facets
 from tpconf.reconcile.plan import plan as build_plan
 from tpconf.reconcile.reporting import Reporter
 from tpconf.supervisor import ConsoleSink, to_dotenv, to_json
@@ -54,8 +45,6 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 log = logging.getLogger(__name__)
-
-BUG_MESSAGE = "this is a bug in tpconf, please report it"
 
 
 @dataclass
@@ -98,7 +87,7 @@ def project_root() -> Path:
 def load(file: Path | None) -> tuple[Path, Project]:
     """Load `-f FILE`, or the nearest telepresence.yaml; print its warnings."""
     path = file if file is not None else find_config_file()
-    project = load_project(path)
+    project = load_project(path, methods=REGISTRY)
     for warning in project.warnings:
         print_warning(warning)
     return path, project
@@ -150,7 +139,7 @@ def validate(file: Path | None) -> None:
 def schema(check: bool) -> None:
     """Write schemas/telepresence.schema.json and docs/configuration.md."""
     root = project_root()
-    outputs = {SCHEMA_PATH: schema_text(), DOCS_PATH: docs_text()}
+    outputs = {SCHEMA_PATH: schema_text(REGISTRY), DOCS_PATH: docs_text(REGISTRY)}
     if check:
         stale = [
             path
@@ -185,19 +174,22 @@ class ConsoleReporter(Reporter):
         print_status(snapshot)
 
     def config_error(self, error: ConfigError) -> None:
-        print_error(error.render() + "\n(the last good configuration keeps running)")
+        print_error(explain(error).render() + "\n(the last good configuration keeps running)")
+
+    def error(self, error: TpconfError) -> None:
+        print_error(explain(error).render())
 
     def message(self, text: str) -> None:
         _console().print(Text(text, style="bold"))
 
 
 def print_status(snapshot: state.Snapshot) -> None:
-    """The status table, then the vpn-tcp routes (which ranges go through which pod)."""
+    """The status table, then what each deployment's method set up (SOCKS port, routes)."""
     console = _console(stderr=False)
     console.print(status_table(snapshot))
     for row in snapshot.deployments:
-        if row.routes:
-            console.print(f"vpn-tcp via {row.name}: {', '.join(row.routes)}")
+        if row.outbound and not row.error:
+            console.print(f"{row.name} ({row.method}): {row.outbound}")
 
 
 def status_table(snapshot: state.Snapshot) -> Table:
@@ -206,10 +198,11 @@ def status_table(snapshot: state.Snapshot) -> Table:
     for column in ("DEPLOYMENT", "NAMESPACE", "POD", "METHOD", "EXPOSE", "TUNNEL", "PROCESS"):
         table.add_column(column)
     for row in snapshot.deployments:
-        if row.error:
+        problem = row.problem()
+        if problem is not None:
             # The whole message (and its hint) was printed when it happened: one line here.
-            first = row.error.splitlines()[0]
-            process = Text("failed: " + (first if len(first) <= 90 else first[:89] + "…"), "red")
+            shown = problem if len(problem) <= 100 else problem[:99] + "…"
+            process = Text(shown, "yellow" if row.retry_at is not None else "red")
         else:
             process = Text(row.process)
         table.add_row(
@@ -227,8 +220,7 @@ def status_table(snapshot: state.Snapshot) -> Table:
 def _session(path: Path) -> Session:
     from tpconf.reconcile.session import Session
 
-    output = ConsoleSink()
-    return Session(project_dir=path.resolve().parent, output=output)
+    return Session(project_dir=path.resolve().parent)
 
 
 @cli.command()
@@ -241,7 +233,8 @@ def up(file: Path | None, no_watch: bool) -> int:
     path = file if file is not None else find_config_file()
     session = _session(path)
     return anyio.run(
-        partial(run_up, path, session, ConsoleReporter(), watch=not no_watch), backend="asyncio"
+        partial(run_up, path, session, ConsoleSink(), ConsoleReporter(), watch=not no_watch),
+        backend="asyncio",
     )
 
 
@@ -250,7 +243,7 @@ def up(file: Path | None, no_watch: bool) -> int:
 def plan(file: Path | None) -> None:
     """Show what `tpconf up` would do, without doing it."""
     _, project = load(file)
-    actions = build_plan({}, {d.name: facets_of(d) for d in project.deployments})
+    actions = build_plan({}, desired_facets(project, REGISTRY))
     console = _console(stderr=False)
     for spec in project.deployments:
         console.print(Text(f"{spec.name}:", style="bold"))
@@ -261,107 +254,31 @@ def plan(file: Path | None) -> None:
         console.print(Text(f"  {action}", style="dim"))
 
 
-def describe_deployment(spec: DeploymentSpec) -> list[str]:
-    """What `up` does for one deployment, in words."""
-    ns = spec.namespace or "(current namespace)"
-    op = spec.operation
-    lines: list[str]
-    if isinstance(op, NewOp):
-        ports = ", ".join(str(m.remote) for m in spec.expose)
-        lines = [f"+ create Deployment {ns}/{spec.name} running {op.image or spec.agent_image}"]
-        if ports:
-            lines.append(f"+ create Service {ns}/{spec.name} on port(s) {ports}")
-    elif isinstance(op, SwapOp):
-        container = f" (container {op.container})" if op.container else ""
-        lines = [
-            (
-                f"~ swap Deployment {ns}/{op.deployment}{container}: scale to 0, "
-                "run a proxy with its labels, env and volumes; restored on exit"
-            )
-        ]
-    else:
-        assert isinstance(op, ExistingOp)
-        lines = [f"= use the proxy already running in Deployment {ns}/{op.deployment}"]
-    lines.append("+ tunnel: kubectl port-forward + SSH (pinned host key)")
-    if spec.method == "inject-tcp":
-        lines.append("+ SOCKS proxy and cluster DNS for the process (torsocks)")
-    else:
-        lines.append("+ vpn-tcp routes for the whole machine")
-    lines.extend(f"+ expose: cluster port {m.remote} -> localhost:{m.local}" for m in spec.expose)
-    if spec.env.export is not None:
-        lines.append(f"+ write the pod environment to {spec.env.export.file}")
-    if spec.shell:
-        lines.append("+ an interactive shell with the pod's environment")
-    elif spec.run is not None:
-        command = spec.run if isinstance(spec.run, str) else shlex.join(spec.run)
-        lines.append(f"+ run: {command}")
-    return lines
-
-
 @cli.command()
 @FILE_OPTION
 @click.option("--all", "everything", is_flag=True, help="Every tpconf object in the namespaces.")
-def down(file: Path | None, everything: bool) -> None:
+def down(file: Path | None, everything: bool) -> int:
     """Restore swapped Deployments and delete what tpconf left in the cluster (even after a crash)."""
-    from tpconf import cluster
+    from tpconf.reconcile import cleanup
 
     path = file if file is not None else find_config_file()
-    session = _session(path)
-    snapshot = state.read(session.state_dir)
-    targets: set[tuple[str | None, str | None]] = set()
-    if snapshot is not None:  # what the crashed `up` ran, whatever the file says now
-        targets |= {(None, row.namespace or None) for row in snapshot.deployments}
-    try:
-        project = load_project(path)
-    except ConfigError as exc:
-        if not targets:
-            raise
-        print_warning_text(f"{exc.render()}\n(cleaning up the namespaces of the last session)")
-    else:
-        targets |= {(d.context, d.namespace) for d in project.deployments}
-    if snapshot is not None and snapshot.alive and snapshot.pid != os.getpid():
-        raise TpconfError(
-            f"tpconf up is still running here (pid {snapshot.pid})",
-            hint="stop it with Ctrl-C (it cleans up); `tpconf down` is for what a crash left",
-        )
-
-    async def run() -> list[str]:
-        lines: list[str] = []
-        for context, namespace in sorted(targets or {(None, None)}, key=str):
-            client = await session.cluster(context, namespace)
-            report = await cluster.down(
-                client,
-                [namespace or client.namespace],
-                owner=session.owner,
-                project=session.project,
-                all=everything,
-                progress=lambda text: _console().print(Text(text, style="dim")),
-            )
-            lines.extend(report.lines())
-        return lines
-
-    for line in anyio.run(run, backend="asyncio"):
+    report = anyio.run(
+        partial(
+            cleanup.down,
+            _session(path),
+            path,
+            everything=everything,
+            progress=lambda text: _console().print(Text(text, style="dim")),
+        ),
+        backend="asyncio",
+    )
+    for warning in report.warnings:
+        print_warning_text(warning.render())
+    for line in report.done:
         _console(stderr=False).print(line)
-    for line in anyio.run(local_leftovers, backend="asyncio"):
-        _console(stderr=False).print(line)
-    state.remove(session.state_dir)
-
-
-async def local_leftovers() -> list[str]:
-    """What a crashed `up` left on this machine: vpn-tcp rules and DNS redirect, sshfs mounts."""
-    from tpconf import volumes
-    from tpconf.methods import routing
-
-    lines = [f"unmounted {path}" for path in await volumes.remove_leftover_mounts()]
-    try:
-        chains = await routing.remove_leftovers()
-    except TpconfError as exc:
-        # Without root, rules a crashed `sudo tpconf up` left (and its DNS redirect) stay.
-        lines.append(f"vpn-tcp rules not checked ({exc.message}): run `sudo -E tpconf down` if")
-        lines.append("  a vpn-tcp `tpconf up` crashed here")
-    else:
-        lines += [f"removed iptables chain {chain}" for chain in sorted(chains)]
-    return lines
+    for failure in report.failures:
+        print_error(failure.render())
+    return EXIT_FAILURE if report.failures else EXIT_OK
 
 
 @cli.command()
@@ -386,7 +303,7 @@ def status(file: Path | None) -> int:
             )
         )
         print_status(snapshot)
-    left = anyio.run(partial(cluster_leftovers, path), backend="asyncio")
+    left = anyio.run(partial(_cluster_leftovers, path), backend="asyncio")
     if left:
         console.print("left in the cluster by this project (`tpconf down` cleans up):")
         for line in left:
@@ -394,29 +311,14 @@ def status(file: Path | None) -> int:
     return EXIT_FAILURE
 
 
-async def cluster_leftovers(path: Path) -> list[str]:
-    """What this project and user have in the cluster (nothing, or a note, if unreachable)."""
-    from tpconf import cluster
+async def _cluster_leftovers(path: Path) -> list[str]:
+    from tpconf.reconcile import cleanup
 
     try:
-        project = load_project(path)
-        session = _session(path)
-        lines: list[str] = []
-        targets = {(d.context, d.namespace) for d in project.deployments}
-        with anyio.fail_after(15):
-            for context, namespace in sorted(targets, key=str):
-                client = await session.cluster(context, namespace)
-                found = await cluster.leftovers(
-                    client,
-                    [namespace or client.namespace],
-                    owner=session.owner,
-                    project=session.project,
-                )
-                lines.extend(found.lines())
-    except (TpconfError, TimeoutError) as exc:
-        message = exc.render() if isinstance(exc, TpconfError) else "timed out"
-        return [f"(could not check the cluster: {message})"]
-    return lines
+        project = load_project(path, methods=REGISTRY)
+    except TpconfError as exc:
+        return [f"(could not check the cluster: {explain(exc).render()})"]
+    return await cleanup.cluster_leftovers(_session(path), project)
 
 
 @cli.command()
@@ -438,15 +340,6 @@ def env(file: Path | None, name: str, fmt: str) -> None:
     click.echo(to_json(mapping) if fmt == "json" else to_dotenv(mapping), nl=False)
 
 
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    """The exceptions of a (nested) group, flattened."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
-
-
 def _traceback(exc: BaseException) -> None:
     text = "".join(traceback.format_exception(exc))
     _console().print(Text(text.rstrip(), style="dim"))
@@ -466,9 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(result, int):
             code = result
     except* click.exceptions.Exit as group:
-        code = max(int(e.exit_code) for e in _leaves(group))  # type: ignore[attr-defined]
+        code = max(int(e.exit_code) for e in leaves(group))  # type: ignore[attr-defined]
     except* click.ClickException as group:
-        for exc in _leaves(group):
+        for exc in leaves(group):
             assert isinstance(exc, click.ClickException)
             exc.show()
             code = max(code, exc.exit_code)
@@ -477,19 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = max(code, EXIT_FAILURE)
     except* KeyboardInterrupt:
         code = max(code, 130)
-    except* TpconfError as group:
-        for exc in _leaves(group):
+    except* Exception as group:  # noqa: BLE001 - tpconf's errors, and bugs (explain says which)
+        for exc in leaves(group):
             if state.debug:
                 _traceback(exc)
-            print_error(exc.render() if isinstance(exc, TpconfError) else str(exc))
-            config = isinstance(exc, ConfigError)
-            code = max(code, EXIT_CONFIG if config else EXIT_FAILURE)
-    except* Exception as group:  # noqa: BLE001 - the last resort: a bug, reported as one
-        for exc in _leaves(group):
-            if state.debug:
-                _traceback(exc)
-            print_error(f"error: {type(exc).__name__}: {exc}\n{BUG_MESSAGE}")
-        code = max(code, EXIT_FAILURE)
+            explained = explain(exc)
+            print_error(("error: " if explained.bug else "") + explained.render())
+            code = max(code, EXIT_CONFIG if explained.config else EXIT_FAILURE)
     return code
 
 

@@ -12,13 +12,14 @@ import pytest
 from tpconf.config import find_config_file, load_project
 from tpconf.config.yamlsource import MAX_FILE_SIZE
 from tpconf.errors import ConfigError
+from tpconf.methods import REGISTRY
 
 VALID = "version: 1\ndeployments:\n  a:\n    new: true\n"
 
 
 def _error(path: Path | str) -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        load_project(path, env={})
+        load_project(path, methods=REGISTRY, env={})
     return info.value
 
 
@@ -48,7 +49,7 @@ def test_a_file_over_the_size_cap(in_tmp: Path) -> None:
 
 def test_a_file_at_the_size_cap_is_read(in_tmp: Path) -> None:
     (in_tmp / "t.yaml").write_text(VALID + "#" * (MAX_FILE_SIZE - len(VALID)))
-    assert load_project("t.yaml", env={}).names == ("a",)
+    assert load_project("t.yaml", methods=REGISTRY, env={}).names == ("a",)
 
 
 def test_non_utf8_bytes_are_reported_at_the_bad_byte(in_tmp: Path) -> None:
@@ -64,7 +65,7 @@ def test_the_column_of_a_bad_byte_counts_characters(in_tmp: Path) -> None:
 
 def test_a_utf8_bom_is_accepted(in_tmp: Path) -> None:
     (in_tmp / "t.yaml").write_bytes(b"\xef\xbb\xbf" + VALID.encode())
-    assert load_project("t.yaml", env={}).names == ("a",)
+    assert load_project("t.yaml", methods=REGISTRY, env={}).names == ("a",)
 
 
 def test_utf16_is_not_utf8(in_tmp: Path) -> None:
@@ -123,7 +124,7 @@ def test_an_unreadable_file(in_tmp: Path) -> None:
 def test_paths_are_relative_to_the_file_not_the_cwd(in_tmp: Path) -> None:
     (in_tmp / "sub").mkdir()
     (in_tmp / "sub" / "t.yaml").write_text(VALID)
-    project = load_project("sub/t.yaml", env={})
+    project = load_project("sub/t.yaml", methods=REGISTRY, env={})
     assert project.base_dir == in_tmp / "sub"
     assert project.source_path == in_tmp / "sub" / "t.yaml"
     volumes = project.deployments[0].volumes

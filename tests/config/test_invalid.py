@@ -8,6 +8,7 @@ import pytest
 
 from tpconf.config import parse_project
 from tpconf.errors import ConfigError, ConfigErrors
+from tpconf.methods import REGISTRY
 
 # (case id, file content, every error as `file:line:col: loc: message`, one per line)
 INVALID = [
@@ -99,7 +100,7 @@ INVALID = [
     (
         "method-container",
         "version: 1\ndeployments:\n  hello:\n    new: true\n    method: container\n",
-        "telepresence.yaml:5:13: deployments.hello.method: method `container` is not supported yet",
+        "telepresence.yaml:5:13: deployments.hello.method: `container` is not allowed: expected `inject-tcp` or `vpn-tcp`",
     ),
     (
         "no-operation",
@@ -306,7 +307,7 @@ def test_an_invalid_file_is_reported_with_exact_positions(
     text: str, expected: str, tmp_path: Path
 ) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_project(text, base_dir=tmp_path, env={})
+        parse_project(text, base_dir=tmp_path, methods=REGISTRY, env={})
     assert str(info.value) == expected
     assert "Traceback" not in info.value.render()
 
@@ -318,7 +319,7 @@ def test_the_table_has_at_least_thirty_cases() -> None:
 
 def _error(text: str) -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        parse_project(text, env={})
+        parse_project(text, methods=REGISTRY, env={})
     return info.value
 
 
@@ -407,7 +408,9 @@ def test_a_duplicate_key_names_the_line_of_the_first() -> None:
 
 def test_errors_name_the_file_as_given() -> None:
     with pytest.raises(ConfigError) as info:
-        parse_project("version: 1\n", filename="sub/dir/telepresence.yaml", env={})
+        parse_project(
+            "version: 1\n", filename="sub/dir/telepresence.yaml", methods=REGISTRY, env={}
+        )
     assert str(info.value).startswith("sub/dir/telepresence.yaml:1:1: ")
 
 

@@ -11,6 +11,7 @@ from ruamel.yaml import YAML
 
 from tpconf.config import Project, parse_project
 from tpconf.errors import ConfigError
+from tpconf.methods import REGISTRY
 
 KEYS = [
     "version",
@@ -100,7 +101,7 @@ DOCUMENTS = st.fixed_dictionaries(
 
 def _load(text: str, tmp: Path) -> None:
     try:
-        result = parse_project(text, base_dir=tmp, env={"X": "1"})
+        result = parse_project(text, base_dir=tmp, methods=REGISTRY, env={"X": "1"})
     except ConfigError as error:
         assert error.render()
         assert "Traceback" not in error.render()

@@ -10,6 +10,7 @@ import pytest
 
 from tpconf.config import load_project
 from tpconf.config.schema import DOCS_PATH, SCHEMA_PATH, docs_text, json_schema, schema_text
+from tpconf.methods import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(ROOT.glob("examples/*/telepresence.yaml"))
@@ -18,11 +19,11 @@ STALE = "schema is out of date: run `make schema` and commit"
 
 
 def test_the_committed_schema_is_current() -> None:
-    assert (ROOT / SCHEMA_PATH).read_text(encoding="utf-8") == schema_text(), STALE
+    assert (ROOT / SCHEMA_PATH).read_text(encoding="utf-8") == schema_text(REGISTRY), STALE
 
 
 def test_the_committed_docs_are_current() -> None:
-    assert (ROOT / DOCS_PATH).read_text(encoding="utf-8") == docs_text(), STALE
+    assert (ROOT / DOCS_PATH).read_text(encoding="utf-8") == docs_text(REGISTRY), STALE
 
 
 def _properties(schema: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -35,7 +36,7 @@ def _properties(schema: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def test_every_field_has_a_description_ending_with_a_period() -> None:
-    schema = json_schema()
+    schema = json_schema(REGISTRY)
     props = _properties(schema)
     assert len(props) > 30
     for name, prop in props:
@@ -47,7 +48,7 @@ def test_every_field_has_a_description_ending_with_a_period() -> None:
 
 
 def test_the_schema_has_its_identity() -> None:
-    schema = json.loads(schema_text())
+    schema = json.loads(schema_text(REGISTRY))
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema["title"] == "telepresence.yaml"
     assert schema["$id"]
@@ -61,7 +62,7 @@ def test_there_are_the_five_examples() -> None:
 
 @pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_example_validates_without_warnings(path: Path) -> None:
-    project = load_project(path, env={})
+    project = load_project(path, methods=REGISTRY, env={})
     assert project.deployments
     assert project.warnings == ()
 
@@ -81,11 +82,13 @@ def test_every_example_matches_the_json_schema(path: Path) -> None:
     from tpconf.config.yamlsource import parse_yaml
 
     data, _ = parse_yaml(path.read_text(encoding="utf-8"), str(path), env={})
-    jsonschema.validate(data, json_schema())
+    jsonschema.validate(data, json_schema(REGISTRY))
 
 
 def test_the_demo_is_the_quickstart() -> None:
-    spec = load_project(ROOT / "telepresence.yaml", env={}).deployment("quickstart")
+    spec = load_project(ROOT / "telepresence.yaml", methods=REGISTRY, env={}).deployment(
+        "quickstart"
+    )
     assert spec.run == "curl -s http://helloworld.default"
     assert spec.method == "inject-tcp"
     assert spec.namespace == "default"

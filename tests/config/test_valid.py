@@ -23,10 +23,11 @@ from tpconf.config import (
 )
 from tpconf.config.interpolate import InterpolationError, interpolate
 from tpconf.errors import ConfigError
+from tpconf.methods import REGISTRY
 
 
 def load(text: str, base: Path, **env: str) -> Project:
-    return parse_project("version: 1\n" + text, base_dir=base, env=env)
+    return parse_project("version: 1\n" + text, base_dir=base, methods=REGISTRY, env=env)
 
 
 def test_the_smallest_file_resolves_every_default(tmp_path: Path) -> None:
@@ -331,9 +332,11 @@ def test_interpolation_uses_os_environ_by_default(
 ) -> None:
     monkeypatch.setenv("TPCONF_TEST_NS", "from-env")
     text = "version: 1\nnamespace: ${TPCONF_TEST_NS}\ndeployments: {}\n"
-    assert parse_project(text, base_dir=tmp_path).namespace == "from-env"
+    assert parse_project(text, base_dir=tmp_path, methods=REGISTRY).namespace == "from-env"
 
 
 def test_a_version_from_a_variable_is_accepted(tmp_path: Path) -> None:
-    project = parse_project("version: ${V}\ndeployments: {}\n", base_dir=tmp_path, env={"V": "1"})
+    project = parse_project(
+        "version: ${V}\ndeployments: {}\n", base_dir=tmp_path, methods=REGISTRY, env={"V": "1"}
+    )
     assert project.deployments == ()

@@ -20,9 +20,9 @@ import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSRecord
 
 from tests.proxy.fakes import HELLO, HELLO_IP, FakeClock, FakeNameserver, tcp_ask, udp_ask
-from tpconf.methods.routing import DNS_UPSTREAM_MARK
 from tpconf.proxy.dnsserver import DnsServer, reverse_address
 from tpconf.proxy.resolver import ClusterResolver
+from tpconf.redirect.routing import DNS_UPSTREAM_MARK
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ def facets(**changes: object) -> Facets:
     base = Facets(
         cluster=("ctx", "default", "new", "tpconf/agent:0.1.0", False),
         method="inject-tcp",
-        routes=(),
+        outbound=(),
         exposes=frozenset({(8080, 8080)}),
         volumes=("root",),
         process=(("curl", "x"), False, (), "inject-tcp"),
@@ -60,8 +60,8 @@ def test_expose_change_updates_forwards_in_place() -> None:
 
 
 def test_also_proxy_change_updates_routes_in_place() -> None:
-    new = facets(routes=("10.1.0.0/16",))
-    assert actions({"a": facets()}, {"a": new}) == ["~ a: outbound (also-proxy changed)"]
+    new = facets(outbound=("10.1.0.0/16",))
+    assert actions({"a": facets()}, {"a": new}) == ["~ a: outbound (inject-tcp settings changed)"]
 
 
 def test_method_change_restarts_outbound_and_process_but_keeps_the_tunnel() -> None:

@@ -37,12 +37,14 @@ MOUNTS = ["/var/run/secrets/kubernetes.io/serviceaccount", "/podinfo"]
 def test_local_then_pod_then_telepresence_then_overrides() -> None:
     env = process_environment(
         LOCAL,
-        POD,
-        pod="web-5d8f-abcde",
-        container="web",
-        root="/tmp/tel-x/fs",
-        mounts=MOUNTS,
-        overrides={"LOG_LEVEL": "debug", "PATH": "/override/bin"},
+        pod_environment(
+            POD,
+            pod="web-5d8f-abcde",
+            container="web",
+            root="/tmp/tel-x/fs",
+            mounts=MOUNTS,
+            overrides={"LOG_LEVEL": "debug", "PATH": "/override/bin"},
+        ),
     )
     assert env == {
         "PATH": "/override/bin",  # the file wins over everything

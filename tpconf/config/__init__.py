@@ -7,6 +7,7 @@ of tpconf calls :func:`load_project` and works with :class:`Project` and :class:
 from __future__ import annotations
 
 from tpconf.config.loading import DEFAULT_FILENAME, find_config_file, load_project, parse_project
+from tpconf.config.methods import DEFAULT_METHOD, MethodCatalog, MethodRules, RuleReport
 from tpconf.config.models import DEFAULT_AGENT_IMAGE, TelepresenceFile
 from tpconf.config.project import (
     ConfigWarning,
@@ -14,7 +15,6 @@ from tpconf.config.project import (
     EnvExport,
     EnvSpec,
     ExistingOp,
-    Method,
     Mount,
     NewOp,
     Operation,
@@ -28,17 +28,20 @@ from tpconf.config.project import (
 __all__ = [
     "DEFAULT_AGENT_IMAGE",
     "DEFAULT_FILENAME",
+    "DEFAULT_METHOD",
     "ConfigWarning",
     "DeploymentSpec",
     "EnvExport",
     "EnvSpec",
     "ExistingOp",
-    "Method",
+    "MethodCatalog",
+    "MethodRules",
     "Mount",
     "NewOp",
     "Operation",
     "PortMapping",
     "Project",
+    "RuleReport",
     "SwapOp",
     "TelepresenceFile",
     "VolumesSpec",

@@ -20,7 +20,13 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from tpconf.config.models import NOT_IN_DEFAULTS, SUPPORTED_VERSIONS, TelepresenceFile
+from tpconf.config.methods import MethodCatalog
+from tpconf.config.models import (
+    METHODS_CONTEXT,
+    NOT_IN_DEFAULTS,
+    SUPPORTED_VERSIONS,
+    TelepresenceFile,
+)
 from tpconf.config.project import Project
 from tpconf.config.resolve import resolve
 from tpconf.config.values import describe
@@ -58,22 +64,32 @@ def find_config_file(start: Path | None = None) -> Path:
     )
 
 
-def load_project(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Project:
+def load_project(
+    path: str | os.PathLike[str],
+    *,
+    methods: MethodCatalog,
+    env: Mapping[str, str] | None = None,
+) -> Project:
     """Read, validate and resolve the file at ``path``.
 
-    Messages name the file as ``path`` was given. ``env`` is the environment for ``${VAR}``
-    (default: ``os.environ``). Raises :class:`~tpconf.errors.ConfigError` or
-    :class:`~tpconf.errors.ConfigErrors`; warnings are in :attr:`Project.warnings`.
+    ``methods`` is the method registry (``tpconf.methods.REGISTRY``): the valid values of
+    `method` and their rules. Messages name the file as ``path`` was given. ``env`` is the
+    environment for ``${VAR}`` (default: ``os.environ``). Raises
+    :class:`~tpconf.errors.ConfigError` or :class:`~tpconf.errors.ConfigErrors`; warnings are in
+    :attr:`Project.warnings`.
     """
     display = os.fspath(path)
     file = Path(display)
     data = read_source(file, display)
-    return parse_project(data, filename=display, base_dir=file.absolute().parent, env=env)
+    return parse_project(
+        data, filename=display, base_dir=file.absolute().parent, env=env, methods=methods
+    )
 
 
 def parse_project(
     text: str | bytes,
     *,
+    methods: MethodCatalog,
     filename: str = DEFAULT_FILENAME,
     base_dir: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -90,11 +106,13 @@ def parse_project(
         text = decode(text, filename)
     data, locator = parse_yaml(text, filename, env)
     base = (base_dir or Path.cwd()).absolute()
-    model = validate(data, locator)
-    return resolve(model, locator, source_path=base / Path(filename).name, base_dir=base)
+    model = validate(data, locator, methods)
+    return resolve(
+        model, locator, source_path=base / Path(filename).name, base_dir=base, methods=methods
+    )
 
 
-def validate(data: Any, locator: Locator) -> TelepresenceFile:
+def validate(data: Any, locator: Locator, methods: MethodCatalog) -> TelepresenceFile:
     """Validate parsed data against the models; errors carry the positions of ``locator``."""
     if not isinstance(data, dict):
         raise ConfigError(
@@ -117,7 +135,7 @@ def validate(data: Any, locator: Locator) -> TelepresenceFile:
             hint="set `version: 1`, or install the tpconf that wrote this file",
         )
     try:
-        return TelepresenceFile.model_validate(data)
+        return TelepresenceFile.model_validate(data, context={METHODS_CONTEXT: methods})
     except ValidationError as exc:
         errors = _dedupe(translate(error, data, locator) for error in exc.errors())
         raise ConfigErrors(errors) if len(errors) > 1 else errors[0] from None

@@ -8,6 +8,7 @@ resolved view in :mod:`tpconf.config.project`, built from these by :mod:`tpconf.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -17,11 +18,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
 )
 from pydantic_core import PydanticCustomError
 
 from tpconf.config import values
-from tpconf.config.project import ExportFormat, Method
+from tpconf.config.methods import DEFAULT_METHOD, MethodCatalog
+from tpconf.config.project import ExportFormat
 from tpconf.config.values import BadValue
 
 #: The only format version this tpconf reads.
@@ -35,7 +38,8 @@ DEFAULT_AGENT_IMAGE = "tpconf/agent:0.1.0"
 DEFAULT_VOLUMES_ROOT = ".tpconf/{name}"
 
 
-def _kebab(name: str) -> str:
+def kebab(name: str) -> str:
+    """The key of a field in the file: ``also_proxy`` is written `also-proxy`."""
     return name.rstrip("_").replace("_", "-")
 
 
@@ -61,7 +65,7 @@ class _Model(BaseModel):
         extra="forbid",
         frozen=True,
         use_attribute_docstrings=True,
-        alias_generator=_kebab,
+        alias_generator=kebab,
         validate_by_alias=True,
         # `also_proxy` must be an unknown key (with a "did you mean `also-proxy`"), not an alias.
         validate_by_name=False,
@@ -132,13 +136,21 @@ def _run(value: Any) -> Any:
     )
 
 
-def _method(value: Any) -> Any:
-    if value == "container":
-        raise custom_error(
-            "method `container` is not supported yet",
-            hint="use `inject-tcp` or `vpn-tcp`",
-        )
-    return value
+#: The key of the validation context that holds the method registry (a ``MethodCatalog``).
+METHODS_CONTEXT = "methods"
+
+
+def _method(value: str, info: ValidationInfo) -> str:
+    """A method the registry handed to the loader knows (see :mod:`tpconf.config.methods`)."""
+    methods: MethodCatalog = (info.context or {})[METHODS_CONTEXT]
+    if value in methods:
+        return value
+    shown = " or ".join(f"`{name}`" for name in methods)
+    close = difflib.get_close_matches(value, list(methods), n=1, cutoff=0.6)
+    raise custom_error(
+        f"`{value}` is not allowed: expected {shown}",
+        hint=f"did you mean `{close[0]}`?" if close else None,
+    )
 
 
 def _empty_is_none(value: Any) -> Any:
@@ -291,8 +303,8 @@ class Env(_Model):
 
 
 class _Settings(_Model):
-    method: Annotated[Method, BeforeValidator(_method)] = "inject-tcp"
-    """How the local process reaches the cluster. Valid values are `inject-tcp` (the process's connections are redirected through the proxy; no root needed) and `vpn-tcp` (routes for the cluster's networks on the whole machine; needs root). Defaults to `inject-tcp`."""
+    method: Annotated[str, AfterValidator(_method)] = DEFAULT_METHOD
+    """How the local process reaches the cluster. Defaults to `inject-tcp`."""
 
     expose: tuple[ExposeItem, ...] = ()
     """Ports of the proxy pod whose connections are delivered to this machine, as `PORT` or `LOCAL:REMOTE` (listen on `LOCAL` here, reachable as `REMOTE` in the cluster). For example: `[8080, "9000:90"]`. Defaults to none."""

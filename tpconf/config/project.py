@@ -16,7 +16,6 @@ from typing import Literal
 from tpconf.config.values import AlsoProxyTarget
 from tpconf.errors import Position
 
-Method = Literal["inject-tcp", "vpn-tcp"]
 ExportFormat = Literal["dotenv", "json"]
 
 
@@ -107,7 +106,8 @@ class DeploymentSpec:
 
     name: str
     operation: Operation
-    method: Method
+    method: str
+    """A name of the method registry (:mod:`tpconf.methods`), checked by the loader."""
     expose: tuple[PortMapping, ...]
     also_proxy: tuple[AlsoProxyTarget, ...]
     volumes: VolumesSpec | None

@@ -1,9 +1,10 @@
 """From the validated file to the resolved :class:`~tpconf.config.project.Project`.
 
 This is where the rules that span several keys live: exactly one operation per deployment, a
-remote port exposed once, one interactive shell, one context for all `vpn-tcp` deployments, no two
-deployments on the same Kubernetes Deployment, volume roots and export files not shared. It also
-applies `defaults`, makes local paths absolute and collects the warnings.
+remote port exposed once, one interactive shell, no two deployments on the same Kubernetes
+Deployment, volume roots and export files not shared. Each method's own rules (for example one
+context for all `vpn-tcp` deployments) are its module's, run through :class:`RuleReport` here. It
+also applies `defaults`, makes local paths absolute and collects the warnings.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tpconf.config import models, values
+from tpconf.config.methods import MethodCatalog
 from tpconf.config.project import (
     ConfigWarning,
     DeploymentSpec,
@@ -34,19 +36,10 @@ from tpconf.config.yamlsource import DocPath, Locator, format_loc
 from tpconf.errors import ConfigError, ConfigErrors
 
 _OPERATIONS = ("new", "swap", "existing")
-_INHERITED = tuple(models.Defaults.model_fields)
 _PRIVILEGED_PORT_HINT = (
     "expose a port of 1024 or more in the pod (for example `8080:8080`); "
     "with `swap`, the Deployment's container port decides"
 )
-
-
-def _alias(name: str) -> str:
-    return name.rstrip("_").replace("_", "-")
-
-
-def _context_text(context: str | None) -> str:
-    return f"context `{context}`" if context else "the current context"
 
 
 @dataclass
@@ -83,7 +76,7 @@ class _Resolver:
 
     def setting(self, name: str, deployment: models.Deployment, attr: str) -> tuple[Any, DocPath]:
         """A deployment's own value, else the default; and the path of the key that set it."""
-        key = _alias(attr)
+        key = models.kebab(attr)
         if attr in deployment.model_fields_set:
             return getattr(deployment, attr), ("deployments", name, key)
         if attr in self.file.defaults.model_fields_set:
@@ -196,14 +189,7 @@ class _Resolver:
         image, _ = self.setting(name, deployment, "agent_image")
         operation = self.operation(name, deployment, image)
         method, _ = self.setting(name, deployment, "method")
-        also_proxy, also_path = self.setting(name, deployment, "also_proxy")
-        if also_proxy and method == "inject-tcp":
-            self.warn(
-                "`also-proxy` has no effect with method `inject-tcp`: all of the process's "
-                "connections already go through the cluster",
-                also_path,
-                hint="remove `also-proxy`, or use `method: vpn-tcp`",
-            )
+        also_proxy, _ = self.setting(name, deployment, "also_proxy")
         run, run_path = self.setting(name, deployment, "run")
         shell, shell_path = self.setting(name, deployment, "shell")
         if shell and run is not None:
@@ -234,11 +220,12 @@ class _Resolver:
 
     # -- across deployments ------------------------------------------------------------------------
 
-    def across(self, specs: list[DeploymentSpec]) -> None:
+    def across(self, specs: list[DeploymentSpec], methods: MethodCatalog) -> None:
         self.one_shell(specs)
-        self.one_vpn_context(specs)
         self.distinct_targets(specs)
         self.distinct_paths(specs)
+        for name, rules in methods.items():
+            rules.check([spec for spec in specs if spec.method == name], _Report(self))
 
     def own_or_inherited(self, spec: DeploymentSpec, attr: str) -> DocPath:
         return self.setting(spec.name, self.file.deployments[spec.name], attr)[1]
@@ -251,25 +238,6 @@ class _Resolver:
                 "(the shell takes the terminal)",
                 self.own_or_inherited(spec, "shell"),
                 hint="use `run` for the others",
-            )
-
-    def one_vpn_context(self, specs: list[DeploymentSpec]) -> None:
-        vpn = [spec for spec in specs if spec.method == "vpn-tcp"]
-        for spec in vpn[1:]:
-            if spec.context == vpn[0].context:
-                continue
-            deployment = self.file.deployments[spec.name]
-            path: DocPath = (
-                ("deployments", spec.name, "context")
-                if deployment.context
-                else self.own_or_inherited(spec, "method")
-            )
-            self.error(
-                f"`vpn-tcp` deployments share one VPN, so they must use the same context: "
-                f"`{vpn[0].name}` uses {_context_text(vpn[0].context)}, "
-                f"`{spec.name}` uses {_context_text(spec.context)}",
-                path,
-                hint="give them the same `context`, or use `method: inject-tcp` for this one",
             )
 
     def distinct_targets(self, specs: list[DeploymentSpec]) -> None:
@@ -310,10 +278,47 @@ class _Resolver:
                 exports.setdefault(export.file, spec.name)
 
 
+@dataclass(frozen=True)
+class _Report:
+    """The resolver as a method's rules see it (:class:`~tpconf.config.methods.RuleReport`)."""
+
+    resolver: _Resolver
+
+    def _path(self, spec: DeploymentSpec, key: str) -> DocPath:
+        attr = key.replace("-", "_")
+        deployment = self.resolver.file.deployments[spec.name]
+        if attr in models.Deployment.model_fields and attr not in models.Defaults.model_fields:
+            # `context`, `namespace`: only a deployment or the top level sets them.
+            if attr in deployment.model_fields_set:
+                return ("deployments", spec.name, key)
+            return (key,) if getattr(self.resolver.file, attr, None) else ("deployments", spec.name)
+        return self.resolver.own_or_inherited(spec, attr)
+
+    def error(
+        self, spec: DeploymentSpec, message: str, *, key: str = "method", hint: str | None = None
+    ) -> None:
+        self.resolver.error(message, self._path(spec, key), hint=hint)
+
+    def warn(
+        self, spec: DeploymentSpec, message: str, *, key: str = "method", hint: str | None = None
+    ) -> None:
+        self.resolver.warn(message, self._path(spec, key), hint=hint)
+
+    def sets(self, spec: DeploymentSpec, key: str) -> bool:
+        deployment = self.resolver.file.deployments[spec.name]
+        return key.replace("-", "_") in deployment.model_fields_set
+
+
 def resolve(
-    file: models.TelepresenceFile, locator: Locator, *, source_path: Path, base_dir: Path
+    file: models.TelepresenceFile,
+    locator: Locator,
+    *,
+    source_path: Path,
+    base_dir: Path,
+    methods: MethodCatalog,
 ) -> Project:
-    """Apply defaults, check the rules between keys and build the :class:`Project`.
+    """Apply defaults, check the rules between keys (and each method's) and build the
+    :class:`Project`.
 
     Raises :class:`ConfigError` or :class:`ConfigErrors` with every violation.
     """
@@ -323,7 +328,7 @@ def resolve(
         for name, deployment in file.deployments.items()
         if (spec := resolver.deployment(name, deployment)) is not None
     ]
-    resolver.across(specs)
+    resolver.across(specs, methods)
     errors = list(resolver.errors.values())
     if errors:
         raise ConfigErrors(errors) if len(errors) > 1 else errors[0]

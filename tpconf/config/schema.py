@@ -1,7 +1,9 @@
 """The JSON schema and docs/configuration.md, generated from the models.
 
 ``tpconf schema`` writes both; a test fails when the committed copies are stale. The attribute
-docstrings of :mod:`tpconf.config.models` are the single source of the text.
+docstrings of :mod:`tpconf.config.models` are the single source of the text, with one exception:
+the valid values of `method` and their descriptions come from the method registry the caller
+passes in (each method's ``summary``), so a new method documents itself.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tpconf.config.methods import MethodCatalog
 from tpconf.config.models import TelepresenceFile
 
 SCHEMA_ID = "urn:tpconf:schema:telepresence.yaml:v1"
@@ -31,9 +34,13 @@ _DOC_ORDER = (
 )
 
 
-def json_schema() -> dict[str, Any]:
+def json_schema(methods: MethodCatalog) -> dict[str, Any]:
     """The JSON schema (draft 2020-12) of telepresence.yaml."""
     body = TelepresenceFile.model_json_schema(by_alias=True, mode="validation")
+    for model in body.get("$defs", {}).values():
+        prop = model.get("properties", {}).get("method")
+        if prop is not None:
+            _document_methods(prop, methods)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,
@@ -42,9 +49,24 @@ def json_schema() -> dict[str, Any]:
     }
 
 
-def schema_text() -> str:
+def _document_methods(prop: dict[str, Any], methods: MethodCatalog) -> None:
+    """The `method` property lists the registry's methods: as an enum, and in its description."""
+    prop["enum"] = list(methods)
+    described = [f"`{name}` ({rules.summary.rstrip('.')})" for name, rules in methods.items()]
+    listing = (
+        ", ".join(described[:-1]) + f" and {described[-1]}"
+        if len(described) > 1
+        else "".join(described)
+    )
+    head, _, tail = prop.get("description", "").partition(" Defaults to")
+    prop["description"] = f"{head} Valid values are {listing}." + (
+        f" Defaults to{tail}" if tail else ""
+    )
+
+
+def schema_text(methods: MethodCatalog) -> str:
     """The schema as committed: sorted keys are not used, field order is the models'."""
-    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(json_schema(methods), indent=2, ensure_ascii=False) + "\n"
 
 
 def _type_text(prop: dict[str, Any]) -> str:
@@ -124,9 +146,9 @@ Warnings (a remote port below 1024, `also-proxy` with `inject-tcp`) do not stop 
 """
 
 
-def docs_text() -> str:
+def docs_text(methods: MethodCatalog) -> str:
     """docs/configuration.md: an introduction, then one section per model."""
-    schema = json_schema()
+    schema = json_schema(methods)
     defs: dict[str, Any] = dict(schema.get("$defs", {}))
     defs["TelepresenceFile"] = schema
     lines = [_INTRO]

@@ -168,7 +168,7 @@ class DnsServer:
             except (ResolveError, OSError, anyio.EndOfStream, anyio.IncompleteRead) as exc:
                 log.debug("DNS failed for %s: %s", request.q.qname if request.q else "?", exc)
             except errors.ProxyError as exc:  # the upstream socket cannot be marked
-                log.warning("%s", exc.render())
+                log.warning("%s", errors.explain(exc).render())
         return reply if reply is not None else _servfail(request)
 
     async def _answer(self, packet: bytes, request: Any, *, tcp: bool) -> bytes:

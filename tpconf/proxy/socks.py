@@ -23,9 +23,10 @@ import errno
 import ipaddress
 import logging
 from collections import Counter
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskStatus
@@ -348,14 +349,7 @@ class SocksServer:
             return build_reply(Reply.SUCCEEDED, host)
         if is_local_name(host):
             return build_reply(Reply.SUCCEEDED, "127.0.0.1")
-        try:
-            addresses = await self.resolver.addresses(host)
-        except ResolveError as exc:
-            log.debug("SOCKS RESOLVE %s: %s", host, exc)
-            return build_reply(reply_for(exc))
-        if not addresses:
-            return build_reply(Reply.HOST_UNREACHABLE)
-        return build_reply(Reply.SUCCEEDED, addresses[0])
+        return await _first_answer("RESOLVE", host, self.resolver.addresses(host))
 
     async def _resolve_ptr(self, request: Request) -> bytes:
         """RESOLVE_PTR: the name in BND.ADDR (ATYP domain); loopback is ``localhost``."""
@@ -364,14 +358,21 @@ class SocksServer:
             return build_reply(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
         if is_loopback(address):
             return build_reply(Reply.SUCCEEDED, "localhost")
-        try:
-            names = await self.resolver.reverse(address)
-        except ResolveError as exc:
-            log.debug("SOCKS RESOLVE_PTR %s: %s", address, exc)
-            return build_reply(reply_for(exc))
-        if not names:
-            return build_reply(Reply.HOST_UNREACHABLE)
-        return build_reply(Reply.SUCCEEDED, names[0])
+        return await _first_answer("RESOLVE_PTR", address, self.resolver.reverse(address))
+
+
+async def _first_answer(
+    what: str, asked: object, lookup: Coroutine[Any, Any, Sequence[str]]
+) -> bytes:
+    """The reply to a RESOLVE or RESOLVE_PTR: the lookup's first answer, or why there is none."""
+    try:
+        answers = await lookup
+    except ResolveError as exc:
+        log.debug("SOCKS %s %s: %s", what, asked, exc)
+        return build_reply(reply_for(exc))
+    if not answers:
+        return build_reply(Reply.HOST_UNREACHABLE)
+    return build_reply(Reply.SUCCEEDED, answers[0])
 
 
 async def _read(

@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import SocketStream, TaskStatus
 
-from tpconf.errors import TpconfError
+from tpconf.errors import TpconfError, explain
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 4096
@@ -52,10 +52,8 @@ async def serve(
                     reply = {"error": "bad request: expected a JSON object"}
             except (ValueError, anyio.EndOfStream) as exc:
                 reply = {"error": f"bad request: {exc}"}
-            except TpconfError as exc:
-                reply = {"error": exc.render()}
             except Exception as exc:  # noqa: BLE001 - a bug answers as an error, not a crash
-                reply = {"error": f"{type(exc).__name__}: {exc} (a bug in tpconf)"}
+                reply = {"error": explain(exc).render()}
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await stream.send(json.dumps(reply).encode() + b"\n")
 

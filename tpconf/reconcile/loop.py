@@ -2,44 +2,48 @@
 
 ``Reconciler.apply(project)`` asks :func:`~tpconf.reconcile.plan.plan` what changed since the
 last good config, then, for every touched deployment *in parallel*, stops units (reverse order),
-updates some in place (exposes), and starts units (dependency order) with ``tg.start`` so each
-unit's readiness is explicit and its start-up errors arrive here. Deployments the plan does not
-mention are not touched at all: their tunnels and open connections stay as they are.
+updates some in place (exposes, routes), and starts units (dependency order) with ``tg.start``,
+handing each the results of the units it needs (:func:`~tpconf.reconcile.units.starter`).
+Deployments the plan does not mention are not touched at all: their tunnels and open
+connections stay as they are.
 
 A deployment whose start fails is reported, its already started units are stopped again, and it
-is left out of the running state, so the next edit of the file retries it. A unit that fails
-after it started (a tunnel that cannot reconnect) is reported and marked failed; it does not take
-the other deployments down.
+is left out of the running state. If the failure is :class:`~tpconf.errors.Transient` (the API
+server unreachable, a tunnel that dropped), it is retried by itself with back-off, shown in the
+status as ``retrying in Ns (attempt N)``; otherwise the next edit of the file retries it. A unit
+that fails after it started (a tunnel that cannot reconnect) is reported and marked failed; it
+does not take the other deployments down.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from tpconf.config import DeploymentSpec, Project
-from tpconf.errors import TpconfError
+from tpconf.errors import Explanation, explain, retry_delay
+from tpconf.methods import REGISTRY, MethodRuntime
+from tpconf.methods import Services as MethodServices
 from tpconf.reconcile import units
-from tpconf.reconcile.plan import Action, Facets, Plan, Unit, facets_of, plan
+from tpconf.reconcile.plan import Action, Facets, Plan, Unit, desired_facets, plan
 from tpconf.reconcile.session import Session
-from tpconf.reconcile.vpn import SharedVpn
+from tpconf.supervisor import OutputSink
 
 log = logging.getLogger(__name__)
 
-UNIT_FUNCTIONS: Mapping[Unit, units.UnitFn] = {
-    Unit.PROXY: units.proxy_unit,
-    Unit.TUNNEL: units.tunnel_unit,
-    Unit.OUTBOUND: units.outbound_unit,
-    Unit.VOLUMES: units.volumes_unit,
-    Unit.EXPOSE: units.expose_unit,
-    Unit.EXPORT: units.export_unit,
-    Unit.PROCESS: units.process_unit,
-}
+R = TypeVar("R")
+
+Starter = Callable[[Unit, units.Context, units.Results], units.StartFn]
+"""Binds a unit to its inputs (:func:`tpconf.reconcile.units.starter`; tests pass fakes)."""
+
+#: Back-off of automatic retries after a transient failure stops growing here (seconds).
+RETRY_CEILING = 30.0
 
 
 @dataclass
@@ -48,38 +52,57 @@ class _Running:
 
     scope: anyio.CancelScope
     done: anyio.Event = field(default_factory=anyio.Event)
-    failed: str | None = None
+    result: object = None
+    failed: Explanation | None = None
 
 
-class _Status:
-    """Passes ``started`` through and remembers it, so errors after start are kept local."""
+@dataclass
+class Retry:
+    """A deployment waiting to be started again after a transient failure."""
 
-    def __init__(self, inner: TaskStatus[None]) -> None:
-        self.inner = inner
-        self.started_once = False
-
-    def started(self, value: None = None) -> None:
-        self.started_once = True
-        self.inner.started(value)
+    attempt: int
+    at: float
+    """When the attempt is due (``time.time()``)."""
+    reason: str
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
 @dataclass
 class DeploymentState:
     """One deployment as the reconciler runs it."""
 
-    runtime: units.Runtime
+    ctx: units.Context
     units: dict[Unit, _Running] = field(default_factory=dict)
-    error: str | None = None
+    error: Explanation | None = None
+    retry: Retry | None = None
+    """The automatic retry that is pending, if one is."""
+    failures: int = 0
+    """Transient start failures in a row (the back-off grows with them)."""
+
+    def result(self, unit: Unit, kind: type[R]) -> R | None:
+        """The result of ``unit`` if it runs."""
+        running = self.units.get(unit)
+        return running.result if running and isinstance(running.result, kind) else None
+
+    @property
+    def failure(self) -> Explanation | None:
+        """Why the deployment is not fully working: its start error, else a failed unit's."""
+        failed = [r.failed for r in self.units.values() if r.failed is not None]
+        return self.error or (failed[0] if failed else None)
 
 
-def describe(exc: BaseException) -> str:
-    """A failure as the user sees it: tpconf's errors rendered, groups unwrapped, bugs named."""
-    if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(dict.fromkeys(describe(e) for e in exc.exceptions))
-    if isinstance(exc, TpconfError):
-        return exc.render()
-    log.error("unexpected error", exc_info=exc)
-    return f"{type(exc).__name__}: {exc} (this is a bug in tpconf, please report it)"
+class _Status:
+    """Passes ``started`` through and remembers the result, so errors after start stay local."""
+
+    def __init__(self, inner: TaskStatus[None], running: _Running) -> None:
+        self.inner = inner
+        self.running = running
+        self.started_once = False
+
+    def started(self, value: object = None) -> None:
+        self.started_once = True
+        self.running.result = value
+        self.inner.started()
 
 
 class Reconciler:
@@ -89,32 +112,26 @@ class Reconciler:
         self,
         tg: TaskGroup,
         session: Session,
+        output: OutputSink,
         *,
-        unit_functions: Mapping[Unit, units.UnitFn] = UNIT_FUNCTIONS,
+        request_stop: Callable[[], None] = lambda: None,
+        starter: Starter = units.starter,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self._tg = tg
-        self._session = session
-        self._functions = unit_functions
+        self._starter = starter
         self._on_change = on_change or (lambda: None)
         self._lock = anyio.Lock()
         self.deployments: dict[str, DeploymentState] = {}
         self.running: dict[str, Facets] = {}
         self.project: Project | None = None
-        self.vpn = SharedVpn(tg, session)
-        session.vpn = self.vpn
-
-    def plan_for(self, project: Project) -> Plan:
-        """What :meth:`apply` would do (``tpconf plan`` shows this against nothing running)."""
-        return plan(self.running, {d.name: self._facets(d, project) for d in project.deployments})
-
-    @staticmethod
-    def _facets(spec: DeploymentSpec, project: Project) -> Facets:
-        facets = facets_of(spec)
-        if spec.method == "vpn-tcp":
-            # The file's `vpn:` ranges are routed through every vpn-tcp deployment.
-            facets = dataclasses.replace(facets, routes=(facets.routes, project.vpn))
-        return facets
+        method_services = MethodServices(task_group=tg, notice=output.notice)
+        self.methods: Mapping[str, MethodRuntime] = {
+            name: method.runtime(method_services) for name, method in REGISTRY.items()
+        }
+        self.services = units.Services(
+            session=session, output=output, methods=self.methods, request_stop=request_stop
+        )
 
     async def apply(
         self, project: Project, *, announce: Callable[[Plan], None] | None = None
@@ -126,34 +143,59 @@ class Reconciler:
         again before its new owner takes it.
         """
         async with self._lock:
-            self.vpn.spec = project.vpn
-            desired = {d.name: self._facets(d, project) for d in project.deployments}
-            the_plan = plan(self.running, desired)
-            if announce is not None and the_plan:
-                announce(the_plan)  # before doing it, as `terraform apply` shows its plan
-            specs = {d.name: d for d in project.deployments}
-            by_deployment: dict[str, list[Action]] = {}
-            for action in the_plan.actions:
-                by_deployment.setdefault(action.deployment, []).append(action)
-            async with anyio.create_task_group() as tg:
-                for name, actions in by_deployment.items():
-                    tg.start_soon(self._stop_units, name, specs.get(name), actions)
-            async with anyio.create_task_group() as tg:
-                for name, actions in by_deployment.items():
-                    spec = specs.get(name)
-                    if spec is not None:
-                        tg.start_soon(self._start_units, spec, actions, desired[name])
             self.project = project
+            the_plan = await self._pass(project, announce=announce)
             self._on_change()
             return the_plan
+
+    async def _pass(
+        self,
+        project: Project,
+        *,
+        only: str | None = None,
+        announce: Callable[[Plan], None] | None = None,
+    ) -> Plan:
+        desired = desired_facets(project, REGISTRY)
+        running = self.running
+        if only is not None:
+            desired = {k: v for k, v in desired.items() if k == only}
+            running = {k: v for k, v in running.items() if k == only}
+        the_plan = plan(running, desired)
+        if announce is not None and the_plan:
+            announce(the_plan)  # before doing it, as `terraform apply` shows its plan
+        specs = {d.name: d for d in project.deployments}
+        by_deployment: dict[str, list[Action]] = {}
+        for action in the_plan.actions:
+            by_deployment.setdefault(action.deployment, []).append(action)
+        for name in by_deployment:
+            self._cancel_retry(name)
+        async with anyio.create_task_group() as tg:
+            for name, actions in by_deployment.items():
+                tg.start_soon(self._stop_units, name, specs.get(name), actions)
+        async with anyio.create_task_group() as tg:
+            for name, actions in by_deployment.items():
+                spec = specs.get(name)
+                if spec is not None:
+                    tg.start_soon(self._start_units, spec, project, actions, desired[name])
+        return the_plan
 
     async def stop_all(self) -> None:
         """Stop every deployment, each in reverse unit order, all in parallel."""
         async with self._lock:
             async with anyio.create_task_group() as tg:
                 for name in list(self.deployments):
+                    self._cancel_retry(name)
                     tg.start_soon(self._stop_deployment, name)
             self._on_change()
+
+    def pod_env(self, name: str) -> dict[str, str]:
+        """Deployment ``name``'s pod environment; ``KeyError`` when it does not run (yet)."""
+        state = self.deployments.get(name)
+        tunnel = state.result(Unit.TUNNEL, units.TunnelReady) if state else None
+        mounted = state.result(Unit.VOLUMES, units.VolumesReady) if state else None
+        if state is None or tunnel is None or mounted is None:
+            raise KeyError(name)
+        return units.pod_env(state.ctx.spec, tunnel, mounted)
 
     async def _stop_deployment(self, name: str) -> None:
         state = self.deployments.get(name)
@@ -177,79 +219,114 @@ class Reconciler:
                 await self._stop_deployment(name)
             self.deployments.pop(name, None)
             self.running.pop(name, None)
-            self._session.notice(name, "stopped (removed from the file)")
+            self.services.notice(name, "stopped (removed from the file)")
 
     async def _start_units(
-        self, spec: DeploymentSpec, actions: list[Action], facets: Facets
+        self, spec: DeploymentSpec, project: Project, actions: list[Action], facets: Facets
     ) -> None:
         name = spec.name
+        ctx = units.Context(spec=spec, project=project, services=self.services)
         state = self.deployments.get(name)
         if state is None or not state.units:
-            state = DeploymentState(runtime=units.Runtime(spec=spec, session=self._session))
+            state = DeploymentState(ctx=ctx, failures=state.failures if state else 0)
             self.deployments[name] = state
+        state.ctx = ctx
         before = self.running.get(name)
-        state.runtime.spec = spec
         state.error = None
         started: list[Unit] = []
         try:
             for action in actions:
                 if action.verb == "update":
-                    await self._update_unit(state, action)
+                    running = state.units.get(action.unit)
+                    if running is not None:
+                        await units.update(action.unit, running.result, spec, project)
             for action in actions:
                 if action.verb == "start":
                     await self._start_unit(state, action.unit)
                     started.append(action.unit)
         except Exception as exc:  # noqa: BLE001 - one deployment's failure must stay its own
-            message = describe(exc)
-            self._session.notice(name, f"failed: {message}")
-            state.error = message
+            failure = explain(exc)
+            state.error = failure
             whole = before is None or any(a.unit == Unit.PROXY for a in actions)
             for unit in sorted(state.units if whole else started, reverse=True):
                 await self._stop_unit(state, unit)
             if whole or before is None:
                 self.running.pop(name, None)
             else:
-                # What did start keeps running; the old facets make the next edit retry the rest.
+                # What did start keeps running; the old facets make the next pass retry the rest.
                 self.running[name] = before
+            if failure.transient:
+                self._schedule_retry(state, failure, exc)
+            else:
+                state.failures = 0
+                self.services.notice(name, f"failed: {failure.render()}")
             return
+        state.failures = 0
         self.running[name] = facets
         if Unit.PROXY in started:
-            self._session.notice(name, "ready")
+            self.services.notice(name, "ready")
 
-    async def _update_unit(self, state: DeploymentState, action: Action) -> None:
-        if action.unit == Unit.EXPOSE:
-            await units.update_exposes(state.runtime, state.runtime.spec)
-        elif action.unit == Unit.OUTBOUND:
-            await units.update_routes(state.runtime)
+    def _schedule_retry(
+        self, state: DeploymentState, failure: Explanation, exc: BaseException
+    ) -> None:
+        state.failures += 1
+        attempt = state.failures
+        delay = retry_delay(exc, attempt, ceiling=RETRY_CEILING)
+        retry = Retry(attempt=attempt, at=time.time() + delay, reason=failure.headline)
+        state.retry = retry
+        self.services.notice(
+            state.ctx.name,
+            f"failed: {failure.render()}\n(retrying in {delay:.0f}s, attempt {attempt})",
+        )
+        self._tg.start_soon(self._retry, state.ctx.name, retry, delay, name="retry")
+
+    async def _retry(self, name: str, retry: Retry, delay: float) -> None:
+        with retry.scope:
+            await anyio.sleep(delay)
+            async with self._lock:
+                state = self.deployments.get(name)
+                if self.project is None or state is None or state.retry is not retry:
+                    return  # an edit or a stop came first
+                state.retry = None  # this pass is the retry: nothing is pending any more
+                await self._pass(self.project, only=name)
+                self._on_change()
+
+    def _cancel_retry(self, name: str) -> None:
+        state = self.deployments.get(name)
+        if state is not None and state.retry is not None:
+            state.retry.scope.cancel()
+            state.retry = None
 
     async def _start_unit(self, state: DeploymentState, unit: Unit) -> None:
-        function = self._functions[unit]
+        results = units.Results({u: r.result for u, r in state.units.items()})
+        function = self._starter(unit, state.ctx, results)
         await self._tg.start(
-            self._run_unit, state, unit, function, name=f"{state.runtime.name}:{unit.name.lower()}"
+            self._run_unit, state, unit, function, name=f"{state.ctx.name}:{unit.name.lower()}"
         )
 
     async def _run_unit(
         self,
         state: DeploymentState,
         unit: Unit,
-        function: units.UnitFn,
+        function: units.StartFn,
         *,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         running = _Running(scope=anyio.CancelScope())
-        status = _Status(task_status)
+        status = _Status(task_status, running)
         state.units[unit] = running
         try:
             with running.scope:
-                await function(state.runtime, task_status=status)
+                await function(task_status=status)
         except Exception as exc:
             if not status.started_once:
                 raise
             # After start, a unit's failure is its own deployment's problem, not the session's.
-            message = describe(exc)
-            running.failed = message
-            self._session.notice(state.runtime.name, f"{unit.name.lower()} failed: {message}")
-            log.debug("unit %s of %s failed", unit.name, state.runtime.name, exc_info=True)
+            running.failed = explain(exc)
+            self.services.notice(
+                state.ctx.name, f"{unit.name.lower()} failed: {running.failed.render()}"
+            )
+            log.debug("unit %s of %s failed", unit.name, state.ctx.name, exc_info=True)
             self._on_change()
         finally:
             running.done.set()

@@ -2,14 +2,15 @@
 
 A deployment in the file becomes a chain of *units* that ``loop.py`` runs::
 
-    proxy ─► tunnel ─┬─► outbound (SOCKS for inject-tcp, VPN routes for vpn-tcp)
+    proxy ─► tunnel ─┬─► outbound (the cluster resolver and the method's side: tpconf.methods)
                      ├─► volumes
                      ├─► expose (one remote forward per port mapping)
                      ├─► export (the env file)
                      └─► process
 
 Each unit depends only on some *facets* of the deployment's spec. ``facets_of`` is the only place
-that knows the config's field names; ``plan`` compares facets, so a change of ``run`` touches the
+that knows the config's field names (and asks the method what its outbound side depends on);
+``plan`` compares facets, so a change of ``run`` touches the
 process alone and a change of ``expose`` touches the forwards alone, and the other deployments
 are not touched at all. Stops come before starts (so ports are free to rebind) and run in reverse
 dependency order; starts run in dependency order.
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from tpconf.config import DeploymentSpec
+    from tpconf.config import DeploymentSpec, Project
+    from tpconf.methods import Method
 
 
 class Unit(enum.IntEnum):
@@ -48,21 +50,31 @@ class Facets:
     cluster: Hashable
     """What the proxy pod is: context, namespace, operation, agent image, privilege."""
     method: str
-    routes: Hashable
+    outbound: Hashable
+    """What the method's outbound side depends on (vpn-tcp: `also-proxy` and `vpn:`)."""
     exposes: frozenset[tuple[int, int]]
     volumes: Hashable
     process: Hashable
     export: Hashable
 
 
-def facets_of(spec: DeploymentSpec) -> Facets:
-    """Split a resolved deployment spec into what each unit depends on."""
+def desired_facets(project: Project, methods: Mapping[str, Method]) -> dict[str, Facets]:
+    """The facets of every deployment of ``project``, in file order."""
+    return {
+        spec.name: facets_of(spec, methods[spec.method].outbound_facet(spec, project))
+        for spec in project.deployments
+    }
+
+
+def facets_of(spec: DeploymentSpec, outbound: Hashable = ()) -> Facets:
+    """Split a resolved deployment spec into what each unit depends on; ``outbound`` is what
+    its method says the outbound side depends on."""
     exposes = frozenset((m.local, m.remote) for m in spec.expose)
     low_ports = any(remote < 1024 for _, remote in exposes)
     return Facets(
         cluster=(spec.context, spec.namespace, spec.operation, spec.agent_image, low_ports),
         method=spec.method,
-        routes=spec.also_proxy,
+        outbound=outbound,
         exposes=exposes,
         volumes=spec.volumes,
         # The process sees the pod env through these too, so a new pod restarts it (see plan).
@@ -122,8 +134,8 @@ def _changed_units(old: Facets, new: Facets) -> tuple[set[Unit], dict[Unit, str]
     update: dict[Unit, str] = {}
     if old.method != new.method:
         restart |= {Unit.OUTBOUND, Unit.PROCESS}
-    elif old.routes != new.routes:
-        update[Unit.OUTBOUND] = "also-proxy changed"
+    elif old.outbound != new.outbound:
+        update[Unit.OUTBOUND] = f"{new.method} settings changed"
     if old.volumes != new.volumes:
         restart |= {Unit.VOLUMES, Unit.PROCESS}
     if old.process != new.process:

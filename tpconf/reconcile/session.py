@@ -1,7 +1,10 @@
-"""What one ``tpconf up`` shares between its deployments: identity, clusters, output, state file.
+"""Who a ``tpconf up`` (or ``down``, ``status``) is, and its API clients: identity and clusters.
 
 A session has an id (labels every object it creates), an owner (``user@host``) and a project id
-(a hash of the project directory): together they tell ``tpconf down`` what it may clean up.
+(a hash of the project directory): together they tell ``tpconf down`` what it may clean up. The
+API client of each (context, namespace) is made once and shared, and RBAC is checked once per
+namespace and operation. What a running ``up`` lends its units besides this (output, methods,
+stopping) is :class:`~tpconf.reconcile.units.Services`.
 """
 
 from __future__ import annotations
@@ -10,20 +13,14 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anyio
 
 from tpconf import cluster
 from tpconf.cluster import Cluster
 from tpconf.errors import TpconfError
-from tpconf.supervisor import OutputSink
-
-if TYPE_CHECKING:
-    from tpconf.reconcile.vpn import SharedVpn
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +45,13 @@ def find_kubectl() -> str:
 
 @dataclass
 class Session:
-    """Shared by every unit of one ``tpconf up`` (or ``plan``/``down``) run."""
+    """The identity of one ``tpconf up`` (or ``down``/``status``) run, and its API clients."""
 
     project_dir: Path
-    output: OutputSink
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     owner: str = field(default_factory=cluster.default_owner)
     kubeconfig: str | None = None
     kubectl: str = field(default_factory=find_kubectl)
-    request_stop: Callable[[], None] = lambda: None
-    """Ends the session as a signal would (an interactive shell that exits calls it)."""
-    vpn: SharedVpn | None = None
-    """The session's VPN, shared by the vpn-tcp deployments (set by the reconciler)."""
     _clusters: dict[tuple[str | None, str | None], Cluster] = field(default_factory=dict)
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
     _checked: set[tuple[int, str, type]] = field(default_factory=set)
@@ -92,7 +84,3 @@ class Session:
         if key not in self._checked:
             await cluster.preflight(client, namespace, operations=(operation,))
             self._checked.add(key)
-
-    def notice(self, name: str, text: str) -> None:
-        """A progress line for one deployment, in the compose-style output."""
-        self.output.notice(name, text)

@@ -28,11 +28,24 @@ class DeploymentRow:
     pod: str = ""
     tunnel: str = ""
     exposes: tuple[str, ...] = ()
-    socks_port: int | None = None
+    outbound: str = ""
+    """What the method set up (its :meth:`~tpconf.methods.Outbound.status`)."""
     process: str = ""
     error: str | None = None
-    routes: tuple[str, ...] = ()
-    """vpn-tcp: the ranges routed through this deployment's pod."""
+    """Why it is not (fully) working: the first line of the error."""
+    retry_at: float | None = None
+    """When it is retried by itself after a transient error (``time.time()``), if it is."""
+    attempt: int = 0
+    """The number of the next automatic retry."""
+
+    def problem(self, now: float | None = None) -> str | None:
+        """The error as the status shows it, with the retry countdown if one is pending."""
+        if self.error is None:
+            return None
+        if self.retry_at is None:
+            return f"failed: {self.error}"
+        wait = max(0.0, self.retry_at - (time.time() if now is None else now))
+        return f"retrying in {wait:.0f}s (attempt {self.attempt}): {self.error}"
 
 
 @dataclass(frozen=True)
@@ -53,13 +66,7 @@ class Snapshot:
     def from_json(cls, text: str) -> Snapshot:
         data = json.loads(text)
         rows = tuple(
-            DeploymentRow(
-                **{
-                    **row,
-                    "exposes": tuple(row.get("exposes", ())),
-                    "routes": tuple(row.get("routes", ())),
-                }
-            )
+            DeploymentRow(**{**row, "exposes": tuple(row.get("exposes", ()))})
             for row in data.pop("deployments", ())
         )
         return cls(**data, deployments=rows)
@@ -77,7 +84,7 @@ class Snapshot:
 
 
 def write(state_dir: Path, snapshot: Snapshot) -> None:
-    """Atomically replace the state file (blocking: call from a thread)."""
+    """Atomically replace the state file (a small write: ``up`` does it on its event loop)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".state-", suffix=".json")
     with os.fdopen(fd, "w") as f:

@@ -1,34 +1,44 @@
-"""The units of one deployment: each is a coroutine run in its own task by ``loop.py``.
+"""The units of one deployment, what each hands the next, and how the loop wires them.
 
-A unit sets its part up, calls ``task_status.started()`` (so a start-up error reaches the caller
-of ``tg.start``), then stays until cancelled; its ``finally`` undoes what it did, shielded, so a
-cancelled ``tpconf up`` still restores a swapped Deployment. Units of a deployment share a
-:class:`Runtime`, filled in start order (proxy, tunnel, outbound, volumes, expose, export,
-process), which is what lets a later unit use an earlier one's result.
+A unit is a coroutine run in its own task by ``loop.py``: it sets its part up, reports it with
+``task_status.started(result)`` (so a start-up error reaches the caller of ``tg.start``), then
+stays until cancelled; its ``finally`` undoes what it did, shielded, so a cancelled ``tpconf up``
+still restores a swapped Deployment. Each unit's result is a frozen value, and the later units
+that need it receive it as an argument (:func:`starter`)::
+
+    proxy ──ProxyReady──► tunnel ──TunnelReady──► outbound ──OutboundReady──► process
+                                   ├────────────► volumes ──VolumesReady───► export, process
+                                   └────────────► expose (with ProxyReady)
+
+Live facts that change while a unit runs (the tunnel's state and current pod, the process's
+exit) are held by small status objects the results point to; only the unit that owns one writes
+it. docs/architecture.md draws the whole picture.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import TypeVar, assert_never
 
 import anyio
 from anyio.abc import TaskStatus
 
 from tpconf import cluster, volumes
-from tpconf.config import DeploymentSpec, ExistingOp, NewOp, SwapOp
-from tpconf.methods import inject
-from tpconf.proxy import ClusterResolver, SocksServer
+from tpconf.config import DeploymentSpec, ExistingOp, NewOp, PortMapping, Project, SwapOp
+from tpconf.methods import Link, MethodRuntime, Outbound
+from tpconf.proxy import ClusterResolver
+from tpconf.reconcile.plan import Unit
 from tpconf.reconcile.session import AGENT_USER, Session
 from tpconf.supervisor import (
+    OutputSink,
     ProcessExit,
     ProcessSpec,
     pod_environment,
+    process_environment,
     run_process,
     run_shell,
     write_export,
@@ -40,96 +50,207 @@ from tpconf.tunnel import (
     SupervisedForward,
     SupervisedTunnel,
     TunnelEvent,
+    TunnelState,
     fetch_pod_info,
     port_forward_transport,
     run_tunnel,
 )
-
-log = logging.getLogger(__name__)
 
 #: Cluster-side cleanup (restoring a swap) gets this long after cancellation before giving up;
 #: `tpconf down` finds whatever it could not finish.
 CLEANUP_TIMEOUT = 60.0
 
 
-@dataclass
-class Runtime:
-    """What the units of one deployment know about each other."""
+# ---- what the session lends every unit -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Services:
+    """What a running ``up`` lends the units of every deployment, besides its :class:`Session`."""
+
+    session: Session
+    output: OutputSink
+    """Where processes' output and progress lines go."""
+    methods: Mapping[str, MethodRuntime]
+    """Each method's runtime for this session, by name (:mod:`tpconf.methods`)."""
+    request_stop: Callable[[], None] = lambda: None
+    """Ends the session as a signal would (an interactive shell that exits calls it)."""
+
+    def notice(self, name: str, text: str) -> None:
+        """A progress line for deployment ``name``."""
+        self.output.notice(name, text)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every unit of one deployment gets: the spec it starts with, and the services."""
 
     spec: DeploymentSpec
-    session: Session
-    request: cluster.ProxyRequest | None = None
-    client: cluster.Cluster | None = None
-    proxy: cluster.Proxy | None = None
-    pod: cluster.PodRef | None = None
-    keys: ProxyKeys | None = None
-    tunnel: SupervisedTunnel | None = None
-    tunnel_state: str = "starting"
-    pod_info: PodInfo | None = None
-    resolver: ClusterResolver | None = None
-    socks_port: int | None = None
-    forwards: dict[tuple[int, int], SupervisedForward] = field(default_factory=dict)
-    volume_root: str | None = None
-    volume_mounts: tuple[str, ...] = ()
-    process_state: str = "not started"
-    process_exit: ProcessExit | None = None
+    project: Project
+    services: Services
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def need_tunnel(self) -> SupervisedTunnel:
-        if self.tunnel is None:  # the planner starts the tunnel first: a bug if we get here
-            raise RuntimeError(f"{self.name}: tunnel not started")
-        return self.tunnel
+    @property
+    def session(self) -> Session:
+        return self.services.session
 
-    def need_pod_info(self) -> PodInfo:
-        if self.pod_info is None:
-            raise RuntimeError(f"{self.name}: pod info not read")
-        return self.pod_info
+    def notice(self, text: str) -> None:
+        """A progress line for this deployment."""
+        self.services.notice(self.name, text)
 
-    def pod_env(self) -> dict[str, str]:
-        """The pod's side of the process environment (what `env.export` and `tpconf env` show)."""
-        info = self.need_pod_info()
-        assert self.pod is not None
-        return pod_environment(
-            info.env,
-            pod=self.pod.pod,
-            container=self.pod.container,
-            root=self.volume_root,
-            mounts=self.volume_mounts or info.mounts,
-            overrides=self.spec.env.as_dict(),
+
+# ---- what units hand each other ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProxyReady:
+    """The proxy pod runs: created (``new``), swapped in (``swap``) or found (``existing``)."""
+
+    client: cluster.Cluster
+    request: cluster.ProxyRequest
+    proxy: cluster.Proxy
+    keys: ProxyKeys
+    pod: cluster.PodRef
+    """The first Ready pod (the tunnel follows re-created ones: :attr:`LinkStatus.pod`)."""
+
+
+@dataclass
+class LinkStatus:
+    """The tunnel's state and the pod it reaches now; written by the tunnel unit only."""
+
+    pod: cluster.PodRef
+    state: TunnelState = TunnelState.CONNECTING
+
+
+@dataclass(frozen=True)
+class TunnelReady:
+    """SSH to the agent is up (it reconnects by itself) and the pod's facts have been read."""
+
+    tunnel: SupervisedTunnel
+    pod_info: PodInfo
+    link: LinkStatus
+
+
+@dataclass(frozen=True)
+class OutboundReady:
+    """Cluster DNS as the pod resolves it, and the method's network side."""
+
+    resolver: ClusterResolver
+    outbound: Outbound
+
+
+@dataclass(frozen=True)
+class VolumesReady:
+    """Where the pod's filesystem is mounted (``root`` is ``None`` with `volumes: false`)."""
+
+    root: Path | None
+    mounts: tuple[str, ...]
+    """The pod's mount points (``TELEPRESENCE_MOUNTS``)."""
+
+
+class ExposeReady:
+    """The remote forwards of `expose`; :meth:`update` applies an edit in place."""
+
+    def __init__(self, ctx: Context, proxy: ProxyReady, tunnel: TunnelReady) -> None:
+        self._ctx = ctx
+        self._proxy = proxy
+        self._tunnel = tunnel
+        self.forwards: dict[PortMapping, SupervisedForward] = {}
+
+    async def open(self, mapping: PortMapping) -> None:
+        self.forwards[mapping] = await self._tunnel.tunnel.forward_remote(
+            mapping.remote, mapping.local
         )
+        self._ctx.notice(f"cluster port {mapping.remote} -> localhost:{mapping.local}")
+
+    def close(self, mapping: PortMapping) -> None:
+        forward = self.forwards.pop(mapping, None)
+        if forward is not None:
+            forward.close()
+
+    async def update(self, spec: DeploymentSpec) -> None:
+        """Close removed forwards, open added ones, and fit a ``new`` proxy's Service to them."""
+        wanted = set(spec.expose)
+        for mapping in [m for m in self.forwards if m not in wanted]:
+            self.close(mapping)
+            self._ctx.notice(f"cluster port {mapping.remote} no longer forwarded")
+        for mapping in sorted(wanted - set(self.forwards), key=lambda m: (m.remote, m.local)):
+            await self.open(mapping)
+        ports = tuple(sorted({m.remote for m in wanted}))
+        await cluster.update_service_ports(self._proxy.client, self._proxy.request, ports)
 
 
-UnitFn = Callable[..., Any]
+@dataclass(frozen=True)
+class ExportReady:
+    """The environment file written for `env.export` (``None``: none asked for)."""
+
+    file: Path | None
+
+
+@dataclass
+class ProcessStatus:
+    """What the process unit shows of its command; written by the process unit only."""
+
+    pid: int | None = None
+    shell: bool = False
+    exit: ProcessExit | None = None
+
+    def describe(self) -> str:
+        if self.exit is not None:
+            return "stopped" if self.exit.stopped else self.exit.describe()
+        if self.pid is None:
+            return "none"
+        return f"{'interactive shell' if self.shell else 'running'} (pid {self.pid})"
+
+
+@dataclass(frozen=True)
+class ProcessReady:
+    """The local command runs (or there is none: ``status.pid`` is ``None``)."""
+
+    status: ProcessStatus = field(default_factory=ProcessStatus)
+
+
+def pod_env(spec: DeploymentSpec, tunnel: TunnelReady, mounted: VolumesReady) -> dict[str, str]:
+    """The pod's side of the process environment (what `env.export` and `tpconf env` show)."""
+    pod = tunnel.link.pod
+    return pod_environment(
+        tunnel.pod_info.env,
+        pod=pod.pod,
+        container=pod.container,
+        root=str(mounted.root) if mounted.root is not None else None,
+        mounts=mounted.mounts,
+        overrides=spec.env.as_dict(),
+    )
+
+
+# ---- the units -----------------------------------------------------------------------------------
 
 
 def _operation(spec: DeploymentSpec) -> cluster.Operation:
-    op = spec.operation
-    if isinstance(op, NewOp):
-        return cluster.New()
-    if isinstance(op, SwapOp):
-        return cluster.Swap(deployment=op.deployment, container=op.container)
-    assert isinstance(op, ExistingOp)
-    return cluster.Existing(deployment=op.deployment)
+    match spec.operation:
+        case NewOp():
+            return cluster.New()
+        case SwapOp(deployment=deployment, container=container):
+            return cluster.Swap(deployment=deployment, container=container)
+        case ExistingOp(deployment=deployment):
+            return cluster.Existing(deployment=deployment)
+        case _:
+            assert_never(spec.operation)
 
 
-def _image(spec: DeploymentSpec) -> str:
-    op = spec.operation
-    return op.image if isinstance(op, NewOp) and op.image else spec.agent_image
-
-
-async def proxy_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
+async def proxy_unit(ctx: Context, *, task_status: TaskStatus[ProxyReady]) -> None:
     """The proxy pod: create (new), swap, or adopt (existing); wait until Ready; undo at stop."""
-    spec, session = rt.spec, rt.session
+    spec, session = ctx.spec, ctx.session
     client = await session.cluster(spec.context, spec.namespace)
     keys = await anyio.to_thread.run_sync(partial(ProxyKeys.generate, comment=spec.name))
     request = cluster.ProxyRequest(
         name=spec.name,
         namespace=spec.namespace or client.namespace,
         operation=_operation(spec),
-        agent_image=_image(spec),
+        agent_image=spec.agent_image,
         session_id=session.session_id,
         owner=session.owner,
         project=session.project,
@@ -138,229 +259,261 @@ async def proxy_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
         ),
         expose_remote_ports=tuple(sorted({m.remote for m in spec.expose})),
     )
-    rt.client, rt.keys, rt.request = client, keys, request
-    progress = partial(session.notice, spec.name)
     await session.preflight(client, request.namespace, type(request.operation))
     try:
-        rt.proxy = await cluster.start(client, request, progress=progress)
-        rt.pod = await cluster.wait_for_pod(client, rt.proxy, progress=progress)
-        task_status.started()
+        proxy = await cluster.start(client, request, progress=ctx.notice)
+        pod = await cluster.wait_for_pod(client, proxy, progress=ctx.notice)
+        task_status.started(ProxyReady(client, request, proxy, keys, pod))
         await anyio.sleep_forever()
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT) as scope:
-            await cluster.stop(client, request, progress=progress)  # progress says what it does
+            await cluster.stop(client, request, progress=ctx.notice)  # it says what it does
         if scope.cancelled_caught:
-            session.notice(spec.name, "cleanup timed out: run `tpconf down` to finish it")
+            ctx.notice("cleanup timed out: run `tpconf down` to finish it")
 
 
-async def tunnel_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
+async def tunnel_unit(
+    ctx: Context, proxy: ProxyReady, *, task_status: TaskStatus[TunnelReady]
+) -> None:
     """Port-forward + SSH to the agent, reconnecting by itself; reads the pod info once up."""
-    assert rt.client is not None and rt.proxy is not None and rt.keys is not None
-    client, proxy, session = rt.client, rt.proxy, rt.session
+    session = ctx.session
+    link = LinkStatus(pod=proxy.pod)
 
     async def current_pod() -> PortForwardTarget:
         # A re-created pod has a new name: find the Ready one on every attempt.
-        rt.pod = await cluster.wait_for_pod(client, proxy, timeout=300)
+        link.pod = await cluster.wait_for_pod(proxy.client, proxy.proxy, timeout=300)
         return PortForwardTarget(
-            namespace=rt.pod.namespace,
-            resource=f"pod/{rt.pod.pod}",
+            namespace=link.pod.namespace,
+            resource=f"pod/{link.pod.pod}",
             kubectl=session.kubectl,
             kubeconfig=session.kubeconfig,
-            context=rt.spec.context,
+            context=ctx.spec.context,
         )
 
     def on_state(event: TunnelEvent) -> None:
-        rt.tunnel_state = event.state.value
-        if event.state.value == "reconnecting":
-            session.notice(rt.name, f"tunnel lost ({event.reason}); reconnecting")
-        elif event.state.value == "connected" and event.attempt:
-            session.notice(rt.name, "tunnel reconnected")
+        link.state = event.state
+        if event.state is TunnelState.RECONNECTING:
+            ctx.notice(f"tunnel lost ({event.reason}); reconnecting")
+        elif event.state is TunnelState.CONNECTED and event.attempt:
+            ctx.notice("tunnel reconnected")
 
     async with anyio.create_task_group() as tg:
-        rt.tunnel = await tg.start(
+        tunnel = await tg.start(
             partial(run_tunnel, on_state=on_state),
             port_forward_transport(current_pod),
-            rt.keys.credentials(AGENT_USER),
+            proxy.keys.credentials(AGENT_USER),
         )
-        rt.pod_info = await fetch_pod_info(rt.tunnel)
-        task_status.started()
+        info = await fetch_pod_info(tunnel)
+        task_status.started(TunnelReady(tunnel, info, link))
 
 
-async def outbound_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
-    """The cluster resolver, plus the SOCKS server (inject-tcp) or the shared VPN (vpn-tcp)."""
-    tunnel, info = rt.need_tunnel(), rt.need_pod_info()
-    resolv = info.resolv_conf
+async def outbound_unit(
+    ctx: Context,
+    proxy: ProxyReady,
+    tunnel: TunnelReady,
+    *,
+    task_status: TaskStatus[OutboundReady],
+) -> None:
+    """The cluster resolver, and the method's network side (:mod:`tpconf.methods`)."""
+    resolv = tunnel.pod_info.resolv_conf
     async with ClusterResolver(
-        tunnel, resolv.nameservers, search=resolv.search, ndots=resolv.ndots
+        tunnel.tunnel, resolv.nameservers, search=resolv.search, ndots=resolv.ndots
     ) as resolver:
-        rt.resolver = resolver
-        if rt.spec.method == "vpn-tcp":
-            vpn, client, request = rt.session.vpn, rt.client, rt.request
-            assert vpn is not None and client is not None and request is not None
-            await vpn.join(rt.name, tunnel, resolver, client, request.namespace, rt.spec.also_proxy)
-            try:
-                task_status.started()
-                await anyio.sleep_forever()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await vpn.leave(rt.name)
+        link = Link(
+            spec=ctx.spec,
+            project=ctx.project,
+            dialer=tunnel.tunnel,
+            resolver=resolver,
+            discover_networks=partial(
+                cluster.discover_networks, proxy.client, proxy.request.namespace
+            ),
+            notice=ctx.notice,
+        )
+        runtime = ctx.services.methods[ctx.spec.method]
         async with anyio.create_task_group() as tg:
-            rt.socks_port = await tg.start(SocksServer(resolver, tunnel).serve)
-            task_status.started()
+            outbound = await tg.start(runtime.outbound, link)
+            task_status.started(OutboundReady(resolver, outbound))
 
 
-async def update_routes(rt: Runtime) -> None:
-    """`also-proxy` of a vpn-tcp deployment changed: re-resolve it and update its routes."""
-    vpn, client, request = rt.session.vpn, rt.client, rt.request
-    if rt.spec.method == "vpn-tcp" and vpn is not None and client and request:
-        await vpn.update(rt.name, client, request.namespace, rt.spec.also_proxy)
-        rt.session.notice(rt.name, "vpn-tcp routes updated")
-
-
-async def volumes_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
+async def volumes_unit(
+    ctx: Context, tunnel: TunnelReady, *, task_status: TaskStatus[VolumesReady]
+) -> None:
     """The pod's filesystem under the volume root, plus each mapping at its own local path.
 
     sshfs speaks SFTP over a channel of the deployment's SSH connection (no second login), and
     is mounted again by itself if the mount drops.
     """
-    info, spec = rt.need_pod_info(), rt.spec
-    rt.volume_mounts = tuple(info.mounts)
-    config = spec.volumes
+    mounts = tuple(tunnel.pod_info.mounts)
+    config = ctx.spec.volumes
     if config is None:
-        task_status.started()
+        task_status.started(VolumesReady(root=None, mounts=mounts))
         await anyio.sleep_forever()
         return
-    tunnel = rt.need_tunnel()
     wanted = [volumes.Mount("/", config.root, read_only=False)]
     wanted += [volumes.Mount(m.pod, m.local, read_only=m.read_only) for m in config.mounts]
-    try:
-        async with anyio.create_task_group() as tg:
-            for mount in wanted:
-                await tg.start(volumes.run_mount, mount, tunnel.open_sftp_stream)
-            rt.volume_root = str(config.root)
-            rt.session.notice(rt.name, f"pod filesystem mounted at {config.root}")
-            task_status.started()
-    finally:
-        rt.volume_root = None  # unmounted: a restarted process must not be pointed at it
+    async with anyio.create_task_group() as tg:
+        for mount in wanted:
+            await tg.start(volumes.run_mount, mount, tunnel.tunnel.open_sftp_stream)
+        ctx.notice(f"pod filesystem mounted at {config.root}")
+        task_status.started(VolumesReady(root=config.root, mounts=mounts))
 
 
-async def _open_forward(rt: Runtime, local: int, remote: int) -> None:
-    tunnel = rt.need_tunnel()
-    rt.forwards[(local, remote)] = await tunnel.forward_remote(remote, local)
-    rt.session.notice(rt.name, f"cluster port {remote} -> localhost:{local}")
-
-
-def _close_forward(rt: Runtime, key: tuple[int, int]) -> None:
-    forward = rt.forwards.pop(key, None)
-    if forward is not None:
-        forward.close()
-
-
-async def expose_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
+async def expose_unit(
+    ctx: Context,
+    proxy: ProxyReady,
+    tunnel: TunnelReady,
+    *,
+    task_status: TaskStatus[ExposeReady],
+) -> None:
     """One remote forward per `expose` mapping: pod port REMOTE -> 127.0.0.1:LOCAL here."""
+    exposed = ExposeReady(ctx, proxy, tunnel)
     try:
-        for mapping in rt.spec.expose:
-            await _open_forward(rt, mapping.local, mapping.remote)
-        task_status.started()
+        for mapping in ctx.spec.expose:
+            await exposed.open(mapping)
+        task_status.started(exposed)
         await anyio.sleep_forever()
     finally:
-        for key in list(rt.forwards):
-            _close_forward(rt, key)
+        for mapping in list(exposed.forwards):
+            exposed.close(mapping)
 
 
-async def update_exposes(rt: Runtime, new: DeploymentSpec) -> None:
-    """Apply an `expose` change in place: close removed forwards, open added ones."""
-    wanted = {(m.local, m.remote) for m in new.expose}
-    for key in [k for k in rt.forwards if k not in wanted]:
-        _close_forward(rt, key)
-        rt.session.notice(rt.name, f"cluster port {key[1]} no longer forwarded")
-    for local, remote in sorted(wanted - set(rt.forwards)):
-        await _open_forward(rt, local, remote)
-    if rt.client is not None and rt.request is not None:
-        ports = tuple(sorted({remote for _, remote in wanted}))
-        await cluster.update_service_ports(rt.client, rt.request, ports)
-
-
-async def export_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
+async def export_unit(
+    ctx: Context,
+    tunnel: TunnelReady,
+    mounted: VolumesReady,
+    *,
+    task_status: TaskStatus[ExportReady],
+) -> None:
     """`env.export`: the pod environment written as dotenv or JSON (mode 0600)."""
-    export = rt.spec.env.export
+    export = ctx.spec.env.export
     if export is not None:
-        env = rt.pod_env()
+        env = pod_env(ctx.spec, tunnel, mounted)
+        header = f"tpconf: {ctx.name}"
         await anyio.to_thread.run_sync(
-            partial(write_export, export.file, env, export.format, header=f"tpconf: {rt.name}")
+            partial(write_export, export.file, env, export.format, header=header)
         )
-        rt.session.notice(rt.name, f"environment written to {export.file}")
-    task_status.started()
+        ctx.notice(f"environment written to {export.file}")
+    task_status.started(ExportReady(export.file if export else None))
     await anyio.sleep_forever()
 
 
-def process_env(rt: Runtime) -> dict[str, str]:
-    """The local process's environment: local, then the pod's side (:meth:`Runtime.pod_env`)."""
-    return {**os.environ, **rt.pod_env()}
-
-
-async def process_unit(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
+async def process_unit(
+    ctx: Context,
+    tunnel: TunnelReady,
+    outbound: OutboundReady,
+    mounted: VolumesReady,
+    *,
+    task_status: TaskStatus[ProcessReady],
+) -> None:
     """`run`: the local command, supervised; it is not restarted when it exits (compose-like)."""
-    spec = rt.spec
+    spec = ctx.spec
+    status = ProcessStatus(shell=spec.shell)
     if spec.run is None and not spec.shell:
-        rt.process_state = "none"
-        task_status.started()
+        task_status.started(ProcessReady(status))
         await anyio.sleep_forever()
-    env = process_env(rt)
-    with contextlib.ExitStack() as stack:
-        prefix: tuple[str, ...] = ()
-        if spec.method == "inject-tcp":
-            assert rt.socks_port is not None
-            wrapper = stack.enter_context(inject.torsocks_wrapper(rt.socks_port))
-            env.update(wrapper.env)
-            prefix = tuple(wrapper.argv)
-        if spec.volumes is not None and spec.volumes.real_paths and rt.volume_root:
-            # proot outermost: the torsocks wrapper and the command see the pod's paths.
-            prefix = (*volumes.real_path_wrapper(rt.volume_root, rt.volume_mounts), *prefix)
+        return
+    env = process_environment(os.environ, pod_env(spec, tunnel, mounted))
+    with outbound.outbound.launch() as launch:
+        env.update(launch.env)
+        prefix = launch.prefix
+        if spec.volumes is not None and spec.volumes.real_paths and mounted.root is not None:
+            # proot outermost: the method's wrapper and the command see the pod's paths.
+            wrapper = volumes.real_path_wrapper(str(mounted.root), mounted.mounts)
+            prefix = (*wrapper, *prefix)
 
         def exited(result: ProcessExit) -> None:
-            rt.process_exit = result
-            rt.process_state = "stopped" if result.stopped else result.describe()
+            status.exit = result
 
-        if spec.shell:
-            await _interactive_shell(rt, env, prefix, exited, task_status)
-            return
-        argv = spec.run if isinstance(spec.run, tuple) else ()
-        shell = spec.run if isinstance(spec.run, str) else None
-        process = ProcessSpec(
-            name=spec.name,
-            env=env,
-            argv=argv,
-            shell=shell,
-            cwd=str(rt.session.project_dir),
-            wrapper=prefix,
-        )
+        cwd = str(ctx.project.base_dir)
         async with anyio.create_task_group() as tg:
-            pid = await tg.start(
-                partial(run_process, output=rt.session.output, on_exit=exited), process
-            )
-            rt.process_state = f"running (pid {pid})"
-            task_status.started()
+            if spec.shell:
+                run = partial(run_shell, ctx.name, env, cwd=cwd, wrapper=prefix)
+                status.pid = await tg.start(_until_exit, run, exited)
+                task_status.started(ProcessReady(status))
+            else:
+                process = ProcessSpec(
+                    name=spec.name,
+                    env=env,
+                    argv=spec.run if isinstance(spec.run, tuple) else (),
+                    shell=spec.run if isinstance(spec.run, str) else None,
+                    cwd=cwd,
+                    wrapper=prefix,
+                )
+                output = ctx.services.output
+                status.pid = await tg.start(
+                    partial(run_process, output=output, on_exit=exited), process
+                )
+                task_status.started(ProcessReady(status))
+        if spec.shell:
+            # `shell: true`: leaving the shell ends `tpconf up`, as in Telepresence 1.
+            ctx.notice("shell exited; stopping")
+            ctx.services.request_stop()
         await anyio.sleep_forever()
 
 
-async def _interactive_shell(
-    rt: Runtime,
-    env: dict[str, str],
-    prefix: tuple[str, ...],
+async def _until_exit(
+    run: Callable[..., Awaitable[ProcessExit]],
     exited: Callable[[ProcessExit], None],
-    task_status: TaskStatus[None],
+    *,
+    task_status: TaskStatus[int],
 ) -> None:
-    """`shell: true`: the user's shell on this terminal; leaving it ends `tpconf up` (like v1)."""
+    exited(await run(task_status=task_status))
 
-    async def shell(*, task_status: TaskStatus[int]) -> None:
-        cwd = str(rt.session.project_dir)
-        exited(await run_shell(rt.name, env, cwd=cwd, wrapper=prefix, task_status=task_status))
 
-    async with anyio.create_task_group() as tg:
-        pid = await tg.start(shell)
-        rt.process_state = f"interactive shell (pid {pid})"
-        task_status.started()
-    rt.session.notice(rt.name, "shell exited; stopping")
-    rt.session.request_stop()
-    await anyio.sleep_forever()
+# ---- wiring --------------------------------------------------------------------------------------
+
+R = TypeVar("R")
+
+StartFn = Callable[..., Awaitable[None]]
+"""A unit with its arguments bound: the loop calls ``tg.start(fn)``."""
+
+
+class Results:
+    """The results of a deployment's started units, by unit."""
+
+    def __init__(self, by_unit: Mapping[Unit, object]) -> None:
+        self._by_unit = by_unit
+
+    def get(self, unit: Unit, kind: type[R]) -> R:
+        """The result of ``unit``; the planner starts a unit's inputs first, so a missing one
+        is a bug."""
+        value = self._by_unit.get(unit)
+        if not isinstance(value, kind):
+            raise TypeError(f"unit {unit.name.lower()} has not started ({value!r})")
+        return value
+
+
+def starter(unit: Unit, ctx: Context, results: Results) -> StartFn:
+    """``unit`` with the results of the units it needs as its arguments."""
+    proxy = partial(results.get, Unit.PROXY, ProxyReady)
+    tunnel = partial(results.get, Unit.TUNNEL, TunnelReady)
+    mounted = partial(results.get, Unit.VOLUMES, VolumesReady)
+    match unit:
+        case Unit.PROXY:
+            return partial(proxy_unit, ctx)
+        case Unit.TUNNEL:
+            return partial(tunnel_unit, ctx, proxy())
+        case Unit.OUTBOUND:
+            return partial(outbound_unit, ctx, proxy(), tunnel())
+        case Unit.VOLUMES:
+            return partial(volumes_unit, ctx, tunnel())
+        case Unit.EXPOSE:
+            return partial(expose_unit, ctx, proxy(), tunnel())
+        case Unit.EXPORT:
+            return partial(export_unit, ctx, tunnel(), mounted())
+        case Unit.PROCESS:
+            outbound = results.get(Unit.OUTBOUND, OutboundReady)
+            return partial(process_unit, ctx, tunnel(), outbound, mounted())
+        case _:
+            assert_never(unit)
+
+
+async def update(unit: Unit, result: object, spec: DeploymentSpec, project: Project) -> None:
+    """Apply an edit to a running unit in place (the plan's ``update`` actions)."""
+    match result:
+        case ExposeReady():
+            await result.update(spec)
+        case OutboundReady():
+            await result.outbound.update(spec, project)
+        case _:
+            raise RuntimeError(f"unit {unit.name.lower()} cannot be updated in place")

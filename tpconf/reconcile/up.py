@@ -17,13 +17,16 @@ from pathlib import Path
 
 import anyio
 
-from tpconf.config import Project, load_project
+from tpconf.config import DeploymentSpec, Project, load_project
 from tpconf.errors import ConfigError, TpconfError
-from tpconf.reconcile import control, state
-from tpconf.reconcile.loop import Reconciler
+from tpconf.methods import REGISTRY
+from tpconf.reconcile import control, state, units
+from tpconf.reconcile.loop import DeploymentState, Reconciler
+from tpconf.reconcile.plan import Unit
 from tpconf.reconcile.reporting import Reporter
 from tpconf.reconcile.session import Session
 from tpconf.reconcile.watch import config_changes
+from tpconf.supervisor import OutputSink
 
 log = logging.getLogger(__name__)
 
@@ -31,28 +34,12 @@ log = logging.getLogger(__name__)
 def snapshot(
     reconciler: Reconciler, session: Session, config: Path, started: float
 ) -> state.Snapshot:
-    rows = []
+    """What ``tpconf status`` shows: one row per deployment of the last good file."""
     project = reconciler.project
-    routes = reconciler.vpn.routes()
-    for spec in project.deployments if project else ():
-        dep = reconciler.deployments.get(spec.name)
-        rt = dep.runtime if dep else None
-        failed = [r.failed for r in dep.units.values() if r.failed] if dep else []
-        rows.append(
-            state.DeploymentRow(
-                name=spec.name,
-                namespace=(rt.request.namespace if rt and rt.request else spec.namespace or ""),
-                method=spec.method,
-                operation=type(spec.operation).__name__.removesuffix("Op").lower(),
-                pod=rt.pod.pod if rt and rt.pod else "",
-                tunnel=rt.tunnel_state if rt else "",
-                exposes=tuple(f"{m.local}:{m.remote}" for m in spec.expose),
-                socks_port=rt.socks_port if rt else None,
-                process=rt.process_state if rt else "",
-                error=(dep.error if dep else "not started") or (failed[0] if failed else None),
-                routes=routes.get(spec.name, ()),
-            )
-        )
+    rows = [
+        _row(spec, reconciler.deployments.get(spec.name))
+        for spec in (project.deployments if project else ())
+    ]
     return state.Snapshot(
         pid=os.getpid(),
         session=session.session_id,
@@ -62,9 +49,33 @@ def snapshot(
     )
 
 
+def _row(spec: DeploymentSpec, dep: DeploymentState | None) -> state.DeploymentRow:
+    proxy = dep.result(Unit.PROXY, units.ProxyReady) if dep else None
+    tunnel = dep.result(Unit.TUNNEL, units.TunnelReady) if dep else None
+    outbound = dep.result(Unit.OUTBOUND, units.OutboundReady) if dep else None
+    process = dep.result(Unit.PROCESS, units.ProcessReady) if dep else None
+    failure = dep.failure if dep else None
+    retry = dep.retry if dep and failure else None
+    return state.DeploymentRow(
+        name=spec.name,
+        namespace=proxy.request.namespace if proxy else spec.namespace or "",
+        method=spec.method,
+        operation=type(spec.operation).__name__.removesuffix("Op").lower(),
+        pod=tunnel.link.pod.pod if tunnel else proxy.pod.pod if proxy else "",
+        tunnel=tunnel.link.state.value if tunnel else "",
+        exposes=tuple(str(m) for m in spec.expose),
+        outbound=outbound.outbound.status() if outbound else "",
+        process=process.status.describe() if process else "",
+        error=failure.headline if failure else None if dep else "not started",
+        retry_at=retry.at if retry else None,
+        attempt=retry.attempt if retry else 0,
+    )
+
+
 async def run_up(
     config: Path,
     session: Session,
+    output: OutputSink,
     reporter: Reporter,
     *,
     watch: bool = True,
@@ -75,7 +86,8 @@ async def run_up(
 
     ``watch=False`` only skips following edits of the file.
     """
-    project = load_project(config)  # a broken file at start: nothing to keep, the CLI reports
+    # A broken file at start: nothing to keep, the CLI reports.
+    project = load_project(config, methods=REGISTRY)
     await _refuse_a_second_up(session)
     reporter.warnings(project.warnings)
     started = time.time()
@@ -91,8 +103,7 @@ async def run_up(
             except OSError as exc:
                 log.debug("cannot write state file: %s", exc)
 
-        session.request_stop = stop.set
-        reconciler = Reconciler(root, session, on_change=changed)
+        reconciler = Reconciler(root, session, output, request_stop=stop.set, on_change=changed)
         root.start_soon(_signals, stop, root.cancel_scope)
         await root.start(control.serve, session.state_dir, partial(_control, reconciler))
 
@@ -104,7 +115,12 @@ async def run_up(
             await reconciler.apply(project, announce=reporter.plan)
             reporter.status(snapshot(reconciler, session, config, started))
             if not reconciler.running and project.deployments:
-                reporter.message("nothing could start; fix the errors above (the file is watched)")
+                retrying = any(d.retry for d in reconciler.deployments.values())
+                reporter.message(
+                    "nothing has started yet: transient failures are retried by themselves"
+                    if retrying
+                    else "nothing could start; fix the errors above (the file is watched)"
+                )
             if ready is not None:
                 ready()
 
@@ -135,12 +151,14 @@ async def _follow(
 ) -> None:
     async for _ in config_changes(config, stop=stop):
         try:
-            project: Project = await anyio.to_thread.run_sync(load_project, config)
+            project: Project = await anyio.to_thread.run_sync(
+                partial(load_project, config, methods=REGISTRY)
+            )
         except ConfigError as exc:
             reporter.config_error(exc)  # the last good state keeps running
             continue
         except TpconfError as exc:
-            reporter.message(exc.render())
+            reporter.error(exc)
             continue
         reporter.warnings(project.warnings)
         the_plan = await reconciler.apply(project, announce=reporter.plan)
@@ -165,11 +183,11 @@ def _control(reconciler: Reconciler, req: dict[str, object]) -> dict[str, object
         return {"pid": os.getpid()}
     if req.get("op") == "env":
         name = str(req.get("name"))
-        dep = reconciler.deployments.get(name)
-        if dep is None or dep.runtime.pod_info is None:
-            known = ", ".join(reconciler.deployments) or "none"
-            raise TpconfError(f"deployment {name} is not running (running: {known})")
-        return {"env": dep.runtime.pod_env()}
+        try:
+            return {"env": reconciler.pod_env(name)}
+        except KeyError:
+            known = ", ".join(reconciler.running) or "none"
+            raise TpconfError(f"deployment {name} is not running (running: {known})") from None
     raise TpconfError(f"unknown request {req.get('op')!r}")
 
 

@@ -4,6 +4,7 @@
 - :mod:`.process`: run a command supervised (own process group, prefixed output, stop ladder).
 - :mod:`.shell`: ``shell: true``, an interactive shell on the terminal.
 - :mod:`.output`: where process output goes (``name | line``).
+- :mod:`.torsocks`: torsocks around a process (inject-tcp), pointed at a SOCKS server.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tpconf.supervisor.env import (
 from tpconf.supervisor.output import CaptureSink, ConsoleSink, OutputSink
 from tpconf.supervisor.process import ProcessExit, ProcessSpec, run_process
 from tpconf.supervisor.shell import run_shell
+from tpconf.supervisor.torsocks import TorsocksWrapper, find_torsocks, torsocks_wrapper
 
 __all__ = [
     "CaptureSink",
@@ -28,6 +30,8 @@ __all__ = [
     "OutputSink",
     "ProcessExit",
     "ProcessSpec",
+    "TorsocksWrapper",
+    "find_torsocks",
     "pod_environment",
     "process_environment",
     "run_process",
@@ -35,5 +39,6 @@ __all__ = [
     "telepresence_variables",
     "to_dotenv",
     "to_json",
+    "torsocks_wrapper",
     "write_export",
 ]

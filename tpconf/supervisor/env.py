@@ -92,24 +92,10 @@ def pod_environment(
     return env
 
 
-def process_environment(
-    local: Mapping[str, str],
-    pod_env: Mapping[str, str],
-    *,
-    pod: str,
-    container: str,
-    root: str | None = None,
-    mounts: Iterable[str] = (),
-    overrides: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """The full environment of the local process: ``local`` below :func:`pod_environment`."""
-    env = dict(local)
-    env.update(
-        pod_environment(
-            pod_env, pod=pod, container=container, root=root, mounts=mounts, overrides=overrides
-        )
-    )
-    return env
+def process_environment(local: Mapping[str, str], pod_side: Mapping[str, str]) -> dict[str, str]:
+    """The full environment of the local process: ``local`` below ``pod_side`` (what
+    :func:`pod_environment` returns)."""
+    return {**local, **pod_side}
 
 
 def _check_key(key: str) -> None:

@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
+from tpconf.errors import MountError
 from tpconf.volumes.paths import local_path, real_path_wrapper, telepresence_env
 from tpconf.volumes.sshfs import (
     Mount,
-    MountError,
     SftpOpener,
     check_fuse,
     command_stream,

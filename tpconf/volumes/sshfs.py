@@ -30,7 +30,7 @@ import anyio
 from anyio.abc import ByteStream, Process, TaskStatus
 from anyio.streams.stapled import StapledByteStream
 
-from tpconf.errors import PrivilegeError, TpconfError
+from tpconf.errors import MountError, PrivilegeError, TpconfError
 from tpconf.net import relay
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,6 @@ class Mount:
     remote_path: str
     local_path: Path
     read_only: bool = False
-
-
-class MountError(TpconfError):
-    """Raised when sshfs cannot mount, or a mount cannot be removed."""
 
 
 def check_fuse(*, sshfs: str = "sshfs", device: str = "/dev/fuse") -> None:

@@ -32,7 +32,7 @@ from anyio.abc import Process, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tpconf.errors import PrivilegeError
-from tpconf.methods.routing import (
+from tpconf.redirect.routing import (
     DNS_UPSTREAM_MARK,
     AlsoProxy,
     DnsRedirect,
@@ -148,7 +148,7 @@ def test_dns_redirects_come_before_the_loopback_exemption_so_127_0_0_53_works() 
 @skip_unless_root
 def test_without_root_vpn_tcp_says_to_use_sudo() -> None:
     code = (
-        "from tpconf.methods.routing import check_privileges\n"
+        "from tpconf.redirect.routing import check_privileges\n"
         "from tpconf.errors import PrivilegeError\n"
         "try:\n    check_privileges()\n"
         "except PrivilegeError as e:\n    print(e.render())\n"

@@ -1,6 +1,6 @@
-"""vpn-tcp: tpconf's transparent TCP proxy, shared by every vpn-tcp deployment of a session.
+"""The transparent TCP proxy of vpn-tcp: the kernel redirects a connection here, we relay it.
 
-The kernel redirects TCP for the routed ranges (see :mod:`tpconf.methods.routing`) to a
+The kernel redirects TCP for the routed ranges (see :mod:`tpconf.redirect.routing`) to a
 listener on ``127.0.0.1:PORT``. For each connection, :class:`TransparentProxy` reads where the
 program meant to go (``SO_ORIGINAL_DST``), picks the dialer of the deployment that routes that
 address (longest-prefix match), dials it (an SSH ``direct-tcpip`` channel from the proxy pod in
@@ -9,7 +9,7 @@ production) and relays bytes both ways, half-close included.
 :class:`VPN` is the unit the reconciler runs: ``port = await tg.start(vpn.run)``, then
 :meth:`VPN.set_routes` / :meth:`VPN.remove_routes` per deployment and :meth:`VPN.redirect_dns`
 once the local DNS server listens. On exit it removes its rules; `tpconf down` after a crash
-calls :func:`~tpconf.methods.routing.remove_leftovers`.
+calls :func:`~tpconf.redirect.routing.remove_leftovers`.
 
 IPv4 only: ``SO_ORIGINAL_DST`` is read for IPv4 and only IPv4 rules are written.
 """
@@ -26,8 +26,9 @@ from ipaddress import IPv4Address, IPv4Network
 import anyio
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 
-from tpconf.errors import TpconfError
-from tpconf.methods.routing import (
+from tpconf.errors import TpconfError, explain
+from tpconf.net import Dialer, relay
+from tpconf.redirect.routing import (
     DNS_UPSTREAM_MARK,
     DnsRedirect,
     RouteTable,
@@ -36,7 +37,6 @@ from tpconf.methods.routing import (
     check_privileges,
     read_nameservers,
 )
-from tpconf.net import Dialer, relay
 
 __all__ = ["DNS_UPSTREAM_MARK", "VPN", "TransparentProxy", "original_destination"]
 
@@ -90,10 +90,8 @@ class TransparentProxy:
         async with client:
             try:
                 await self._proxy(client)
-            except Exception:  # one connection's failure must not stop the VPN
-                log.exception(
-                    "vpn-tcp: unexpected error; this is a bug in tpconf, please report it"
-                )
+            except Exception as exc:  # noqa: BLE001 - one connection's failure must not stop the VPN
+                log.error("vpn-tcp: %s", explain(exc).render())
 
     async def _proxy(self, client: SocketStream) -> None:
         try:

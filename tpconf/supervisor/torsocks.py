@@ -1,4 +1,4 @@
-"""inject-tcp: run the deployment's process under torsocks, pointed at tpconf's SOCKS server.
+"""torsocks around a local process (inject-tcp): its config, pointed at a SOCKS server of ours.
 
 torsocks (``LD_PRELOAD``) turns the process's TCP connections into SOCKS CONNECTs and its name
 lookups into Tor RESOLVE requests to ``TorAddress:TorPort``: the SOCKS server of

@@ -1,6 +1,6 @@
 """Test helper run inside a network namespace with `ip netns exec NS python vpn_netns_helper.py`.
 
-``vpn`` role: tpconf's :class:`~tpconf.methods.vpn.VPN` with test dialers that map cluster
+``vpn`` role: tpconf's :class:`~tpconf.redirect.transparent.VPN` with test dialers that map cluster
 addresses to "target" servers on this namespace's loopback (reachable only through a dialer,
 like Services through the tunnel). It reads JSON commands on stdin, answers one JSON line per
 command on stdout and also reports every dial as ``{"event": "dial", ...}``.
@@ -24,8 +24,8 @@ from typing import Any
 import anyio
 from anyio.abc import ByteStream, SocketStream
 
-from tpconf.methods.routing import DNS_UPSTREAM_MARK
-from tpconf.methods.vpn import VPN
+from tpconf.redirect.routing import DNS_UPSTREAM_MARK
+from tpconf.redirect.transparent import VPN
 
 
 def emit(obj: dict[str, Any]) -> None:

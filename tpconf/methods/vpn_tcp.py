@@ -1,4 +1,7 @@
-"""The session's one VPN, shared by every vpn-tcp deployment (Telepresence 1 issue 888).
+"""vpn-tcp: the whole machine reaches the cluster's networks; one VPN per session, shared.
+
+The method's runtime is the session's VPN, shared by every vpn-tcp deployment (Telepresence 1
+issue 888).
 
 A vpn-tcp deployment *joins* with its tunnel and resolver: its routes (the cluster's pod and
 Service networks, discovered or set under `vpn:` in the file, plus its resolved `also-proxy`)
@@ -11,30 +14,32 @@ when that member leaves, the DNS server restarts on the next member's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from typing import TYPE_CHECKING
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
-from tpconf import cluster
-from tpconf.config import VpnSpec
-from tpconf.errors import TpconfError
-from tpconf.methods import routing
-from tpconf.methods.vpn import VPN
-from tpconf.proxy import ClusterResolver, DnsServer
-from tpconf.reconcile.session import Session
-from tpconf.tunnel import SupervisedTunnel
+from tpconf.config import DeploymentSpec, Project, RuleReport, VpnSpec
+from tpconf.errors import explain
+from tpconf.methods.base import Launch, Link, MethodRuntime, Outbound, Services
+
+if TYPE_CHECKING:
+    from tpconf.redirect import VPN
+
+# The DNS server and the iptables side are imported where they run: every command loads the
+# registry (`tpconf validate` too), and they would add ~0.1 s to each.
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Member:
-    tunnel: SupervisedTunnel
-    resolver: ClusterResolver
+    link: Link
     networks: frozenset[IPv4Network] = frozenset()
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -51,37 +56,48 @@ class _Task:
 
 
 class SharedVpn:
-    """Starts and stops the VPN as vpn-tcp deployments join and leave."""
+    """Starts and stops the VPN as vpn-tcp deployments join and leave (the method's runtime)."""
 
-    def __init__(self, tg: TaskGroup, session: Session) -> None:
-        self._tg = tg
-        self._session = session
+    def __init__(self, services: Services) -> None:
+        self._services = services
         self._lock = anyio.Lock()
         self._members: dict[str, _Member] = {}
         self._vpn: VPN | None = None
         self._vpn_task: _Task | None = None
         self._dns_task: _Task | None = None
         self._dns_owner: str | None = None
-        self.spec = VpnSpec()
 
-    def routes(self) -> dict[str, tuple[str, ...]]:
-        """Routed ranges per deployment, for the status."""
-        return {name: tuple(sorted(map(str, m.networks))) for name, m in self._members.items()}
+    def routes(self, name: str) -> tuple[str, ...]:
+        """The ranges routed through deployment ``name``'s pod, for the status."""
+        member = self._members.get(name)
+        return tuple(sorted(map(str, member.networks))) if member else ()
 
-    async def join(self, name: str, tunnel: SupervisedTunnel, resolver: ClusterResolver,
-                   client: cluster.Cluster, namespace: str, also_proxy: tuple[object, ...]) -> None:  # fmt: skip
-        """Route ``name``'s ranges through ``tunnel``; start the VPN if it is the first."""
+    async def outbound(self, link: Link, *, task_status: TaskStatus[Outbound]) -> None:
+        await self.join(link, link.project.vpn, link.spec.also_proxy)
+        try:
+            task_status.started(VpnOutbound(self, link.name))
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.leave(link.name)
+
+    async def join(self, link: Link, spec: VpnSpec, also_proxy: tuple[object, ...]) -> None:
+        """Route ``link``'s ranges through its tunnel; start the VPN if it is the first."""
+        name = link.name
         async with self._lock:
-            member = _Member(tunnel=tunnel, resolver=resolver)
-            networks, exclude = await self._networks(member, client, namespace, also_proxy)
+            member = _Member(link=link)
+            networks, exclude = await self._networks(member, spec, also_proxy)
             if self._vpn is None:
+                from tpconf.redirect import VPN, routing
+
                 routing.check_privileges()
                 vpn, task = VPN(), _Task()
-                await self._tg.start(self._run, task, vpn.run, "vpn", name="vpn")
+                tg = self._services.task_group
+                await tg.start(self._run, task, vpn.run, "vpn", name="vpn")
                 self._vpn, self._vpn_task = vpn, task  # only a VPN that started is shared
             self._members[name] = member
             try:
-                await self._vpn.set_routes(name, networks, tunnel, exclude=exclude)
+                await self._vpn.set_routes(name, networks, member.link.dialer, exclude=exclude)
                 member.networks = frozenset(networks)
                 if self._dns_task is None:
                     await self._start_dns(name)
@@ -91,18 +107,18 @@ class SharedVpn:
                     await self._leave(name)
                 raise
             shown = ", ".join(sorted(map(str, networks)))
-            self._session.notice(name, f"vpn-tcp routes {shown}")
+            link.notice(f"vpn-tcp routes {shown}")
 
-    async def update(self, name: str, client: cluster.Cluster, namespace: str,
-                     also_proxy: tuple[object, ...]) -> None:  # fmt: skip
+    async def update(self, name: str, spec: VpnSpec, also_proxy: tuple[object, ...]) -> None:
         """Recompute ``name``'s ranges (also-proxy changed); open connections are kept."""
         async with self._lock:
             member = self._members.get(name)
             if member is None or self._vpn is None:
                 return
-            networks, exclude = await self._networks(member, client, namespace, also_proxy)
-            await self._vpn.set_routes(name, networks, member.tunnel, exclude=exclude)
+            networks, exclude = await self._networks(member, spec, also_proxy)
+            await self._vpn.set_routes(name, networks, member.link.dialer, exclude=exclude)
             member.networks = frozenset(networks)
+            member.link.notice("vpn-tcp routes updated")
 
     async def leave(self, name: str) -> None:
         """Stop routing ``name``'s ranges; stop everything when it was the last member."""
@@ -124,18 +140,16 @@ class SharedVpn:
             self._vpn = self._vpn_task = None
 
     async def _networks(
-        self,
-        member: _Member,
-        client: cluster.Cluster,
-        namespace: str,
-        also_proxy: tuple[object, ...],
+        self, member: _Member, spec: VpnSpec, also_proxy: tuple[object, ...]
     ) -> tuple[set[IPv4Network], list[IPv4Address]]:
-        found = await cluster.discover_networks(client, namespace)
-        pods = set(self.spec.pod_cidrs) or set(found.pod_networks)
-        services = set(self.spec.service_cidrs) or set(found.service_networks)
+        from tpconf.redirect import routing
+
+        found = await member.link.discover_networks()
+        pods = set(spec.pod_cidrs) or set(found.pod_networks)
+        services = set(spec.service_cidrs) or set(found.service_networks)
         member.sources = dict(found.sources)
         extra = await routing.resolve_also_proxy(
-            [str(entry) for entry in also_proxy], member.resolver.addresses
+            [str(entry) for entry in also_proxy], member.link.resolver.addresses
         )
         for host in extra.unresolved:
             log.warning("also-proxy %s did not resolve in the cluster", host)
@@ -144,19 +158,23 @@ class SharedVpn:
         return networks, exclude
 
     async def _start_dns(self, name: str) -> None:
+        from tpconf.proxy import DnsServer
+        from tpconf.redirect import routing
+
         assert self._vpn is not None
         member = self._members[name]
         upstreams = routing.read_nameservers()
         upstream = (str(upstreams[0]), 53) if upstreams else ("127.0.0.1", 53)
         reverse = sorted({str(n) for m in self._members.values() for n in m.networks})
         server = DnsServer(
-            member.resolver,
+            member.link.resolver,
             upstream=upstream,
             reverse_networks=reverse,
             upstream_mark=self._vpn.mark,
         )
         self._dns_task = _Task()
-        port = await self._tg.start(self._run, self._dns_task, server.serve, name, name="vpn-dns")
+        tg = self._services.task_group
+        port = await tg.start(self._run, self._dns_task, server.serve, name, name="vpn-dns")
         self._dns_owner = name
         await self._vpn.redirect_dns(port, upstreams)
 
@@ -179,10 +197,27 @@ class SharedVpn:
             if not started:
                 raise
             log.debug("vpn-tcp part failed", exc_info=True)
-            message = exc.render() if isinstance(exc, TpconfError) else repr(exc)
-            self._session.notice(who, f"vpn-tcp failed: {message}")
+            self._services.notice(who, f"vpn-tcp failed: {explain(exc).render()}")
         finally:
             task.done.set()
+
+
+@dataclass(frozen=True)
+class VpnOutbound:
+    """A deployment's membership of the session's VPN."""
+
+    vpn: SharedVpn
+    name: str
+
+    def status(self) -> str:
+        return "routes " + (", ".join(self.vpn.routes(self.name)) or "none")
+
+    async def update(self, spec: DeploymentSpec, project: Project) -> None:
+        await self.vpn.update(self.name, project.vpn, spec.also_proxy)
+
+    @contextlib.contextmanager
+    def launch(self) -> Iterator[Launch]:
+        yield Launch()  # the whole machine is routed: the process needs nothing of its own
 
 
 class _Started:
@@ -196,3 +231,45 @@ class _Started:
 
 
 Serve = Callable[..., Awaitable[None]]
+
+
+def _context_text(context: str | None) -> str:
+    return f"context `{context}`" if context else "the current context"
+
+
+class VpnTcp:
+    """The :class:`~tpconf.methods.base.Method` of `method: vpn-tcp`."""
+
+    name = "vpn-tcp"
+    summary = "routes for the cluster's networks on the whole machine; needs root"
+
+    def check(self, specs: Sequence[DeploymentSpec], report: RuleReport) -> None:
+        for spec in specs[1:]:
+            first = specs[0]
+            if spec.context == first.context:
+                continue
+            report.error(
+                spec,
+                f"`vpn-tcp` deployments share one VPN, so they must use the same context: "
+                f"`{first.name}` uses {_context_text(first.context)}, "
+                f"`{spec.name}` uses {_context_text(spec.context)}",
+                key="context" if report.sets(spec, "context") and spec.context else "method",
+                hint="give them the same `context`, or use `method: inject-tcp` for this one",
+            )
+
+    def describe(self, spec: DeploymentSpec) -> list[str]:
+        lines = ["+ vpn-tcp routes for the whole machine (the cluster's networks, its DNS)"]
+        if spec.also_proxy:
+            shown = ", ".join(str(entry) for entry in spec.also_proxy)
+            lines.append(f"+ also through the cluster: {shown}")
+        return lines
+
+    def outbound_facet(self, spec: DeploymentSpec, project: Project) -> Hashable:
+        # The file's `vpn:` ranges are routed through every vpn-tcp deployment.
+        return (spec.also_proxy, project.vpn)
+
+    def runtime(self, services: Services) -> MethodRuntime:
+        return SharedVpn(services)
+
+
+METHOD = VpnTcp()

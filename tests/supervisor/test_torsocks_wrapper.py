@@ -1,6 +1,6 @@
 """inject-tcp wrapping with the real torsocks: its config, CONNECT arriving at a SOCKS server, listening.
 
-The SOCKS server here is a minimal test-local responder (tpconf.proxy is not imported: methods
+The SOCKS server here is a minimal test-local responder (tpconf.proxy is not imported: the supervisor
 must not depend on it); it records each request and answers "succeeded".
 """
 
@@ -21,7 +21,7 @@ from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tpconf.errors import ProcessError
-from tpconf.methods.inject import (
+from tpconf.supervisor.torsocks import (
     find_torsocks,
     prepare_torsocks,
     torsocks_config,
