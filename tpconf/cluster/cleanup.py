@@ -1,5 +1,6 @@
 """What tpconf left in the cluster (``leftovers``, for ``tpconf status``) and ``down``, which
-restores the swaps and deletes what tpconf created.
+restores the swaps, deletes what tpconf created and releases the keys Secrets of ``existing``
+Deployments (those Deployments mount them, so they stay).
 
 Both work from what is in the cluster only (labels and annotations), so they also see what a
 ``kill -9`` of ``tpconf up`` left.
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 from tpconf.cluster import labels as L
 from tpconf.cluster.client import Cluster, path
 from tpconf.cluster.model import DownReport
-from tpconf.cluster.objects import KINDS, Progress, delete, describe, ours, quiet
+from tpconf.cluster.objects import KINDS, Progress, delete, describe, get, ours, quiet, released
+from tpconf.cluster.proxies import release
 from tpconf.cluster.swaps import restore
 
 
@@ -25,20 +27,25 @@ class Leftovers:
     """(namespace, Deployment) pairs that are swapped."""
     objects: tuple[tuple[str, str, str], ...] = ()
     """(kind, namespace, name) of the Deployments, Services and Secrets tpconf created."""
+    claimed: tuple[tuple[str, str], ...] = ()
+    """(namespace, Secret) of the keys Secrets of ``existing`` Deployments still claimed."""
 
     def lines(self) -> list[str]:
         """Human-readable lines, for `tpconf status`."""
-        return [f"swapped {describe('deployments', name, ns)}" for ns, name in self.swapped] + [
-            describe(kind, name, ns) for kind, ns, name in self.objects
-        ]
+        return (
+            [f"swapped {describe('deployments', name, ns)}" for ns, name in self.swapped]
+            + [describe(kind, name, ns) for kind, ns, name in self.objects]
+            + [f"claimed {describe('secrets', name, ns)}" for ns, name in self.claimed]
+        )
 
 
 async def leftovers(
     cluster: Cluster, namespaces: Iterable[str], *, owner: str, project: str, all: bool = False
 ) -> Leftovers:
-    """Find, without changing anything, what :func:`down` would restore and delete."""
+    """Find, without changing anything, what :func:`down` would restore, delete and release."""
     swapped: list[tuple[str, str]] = []
     objects: list[tuple[str, str, str]] = []
+    claimed: list[tuple[str, str]] = []
     # With ``all``, no owner and project: ``ours`` then accepts anyone's.
     wanted_owner, wanted_project = (None, None) if all else (owner, project)
     for ns in dict.fromkeys(namespaces):
@@ -64,8 +71,11 @@ async def leftovers(
                     item, owner=wanted_owner, project=wanted_project
                 ):
                     continue
-                objects.append((kind, ns, meta["name"]))
-    return Leftovers(tuple(swapped), tuple(objects))
+                if L.EXISTING not in (meta.get("labels") or {}):
+                    objects.append((kind, ns, meta["name"]))
+                elif not released(item):
+                    claimed.append((ns, meta["name"]))
+    return Leftovers(tuple(swapped), tuple(objects), tuple(claimed))
 
 
 async def down(
@@ -77,7 +87,8 @@ async def down(
     all: bool = False,
     progress: Progress = quiet,
 ) -> DownReport:
-    """Restore the swaps and delete the objects this owner and project left behind.
+    """Restore the swaps, delete the objects and release the ``existing`` keys Secrets this owner
+    and project left behind.
 
     With ``all``, everything of tpconf in the namespaces, whoever created it. Idempotent: a
     second run reports nothing.
@@ -94,4 +105,9 @@ async def down(
         progress(f"deleting {describe(kind, name, ns)}")
         if await delete(cluster, kind, ns, name):
             report.deleted.append(describe(kind, name, ns))
+    for ns, name in found.claimed:
+        secret = await get(cluster, "secrets", ns, name)
+        freed = None if secret is None else await release(cluster, secret, progress=progress)
+        if freed is not None:
+            report.released.append(freed)
     return report

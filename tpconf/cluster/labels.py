@@ -4,7 +4,8 @@ Everything created carries the labels ``app.kubernetes.io/managed-by: tpconf``,
 ``tpconf.io/session`` and ``tpconf.io/deployment``, and the annotations ``tpconf.io/owner``
 (``user@host``) and ``tpconf.io/project`` (a hash of the project path). A swapped Deployment is
 not created by tpconf: it only gets the ``SWAP_*`` annotations, which are enough to restore it
-after a crash (DESIGN.md section 3).
+after a crash (DESIGN.md section 3). The keys Secret of an ``existing`` Deployment also carries
+``tpconf.io/existing``; its owner annotations are removed when it is released.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ SESSION = "tpconf.io/session"
 DEPLOYMENT = "tpconf.io/deployment"
 #: Selector label unique to one proxy's pods (value: the proxy Deployment's name).
 PROXY = "tpconf.io/proxy"
+#: On the keys Secret of an ``existing`` Deployment (value: that Deployment's name): the user's
+#: Deployment mounts it, so it outlives ``tpconf up`` and ``tpconf down`` only releases it.
+EXISTING = "tpconf.io/existing"
 #: On the agent's pod template only (not in the Deployment's selector): one value per start, so
 #: that waiting for the pod of a re-created proxy can never pick the previous one's pod.
 START = "tpconf.io/start"

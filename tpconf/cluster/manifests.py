@@ -6,7 +6,8 @@
   container turned into the agent (image, command; probes, lifecycle and workingDir removed; env,
   envFrom, volumeMounts, ports and resources kept; securityContext made restricted-compatible).
 - keys: Secret ``<deployment>-tpconf-keys`` (``host_key``, ``authorized_keys``) mounted read-only
-  at :data:`KEYS_MOUNT` with mode :data:`KEYS_MODE`.
+  at :data:`KEYS_MOUNT` with mode :data:`KEYS_MODE`; for ``existing`` it is labelled
+  ``tpconf.io/existing`` and owned by nothing (the user's Deployment mounts it).
 
 Pod Security: the agent container is always ``restricted``-compliant (non-root, no privilege
 escalation, capabilities dropped, RuntimeDefault seccomp). Exposed remote ports below 1024 use
@@ -123,12 +124,23 @@ def keys_secret(req: ProxyRequest, *, name: str, owner: Mapping[str, Any] | None
     meta = _metadata(req, name)
     if owner is not None:
         meta["ownerReferences"] = [owner_reference(owner)]
+    return _secret(meta, req.keys)
+
+
+def existing_keys_secret(req: ProxyRequest, deployment: str) -> JSON:
+    """The keys Secret of ``existing`` Deployment ``deployment``: owned by nothing, labelled
+    ``tpconf.io/existing`` (so that ``tpconf down`` releases it instead of deleting it)."""
+    meta = _metadata(req, keys_secret_name(deployment), {L.EXISTING: L.label_value(deployment)})
+    return _secret(meta, req.keys)
+
+
+def _secret(meta: JSON, keys: AgentKeys) -> JSON:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": meta,
         "type": "Opaque",
-        "stringData": secret_data(req.keys),
+        "stringData": secret_data(keys),
     }
 
 

@@ -28,7 +28,8 @@ class Swap:
 
 @dataclass(frozen=True)
 class Existing:
-    """Use a Deployment that already runs the agent image (mounting Secret ``<name>-tpconf-keys``)."""
+    """Use a Deployment that already runs the agent image (mounting Secret ``<name>-tpconf-keys``,
+    which outlives ``tpconf up``: see :mod:`tpconf.cluster.proxies`)."""
 
     deployment: str
 
@@ -103,8 +104,12 @@ class DownReport:
 
     restored: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    """Keys Secrets of ``existing`` Deployments: kept (the Deployments mount them), no longer
+    held by this owner."""
 
     def lines(self) -> list[str]:
         """Human-readable lines; ``["nothing to clean up"]`` when nothing was left behind."""
         out = [f"restored {r}" for r in self.restored] + [f"deleted {d}" for d in self.deleted]
+        out += [f"released {r} (kept: its Deployment mounts it)" for r in self.released]
         return out or ["nothing to clean up"]

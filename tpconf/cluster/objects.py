@@ -52,21 +52,34 @@ def ours(obj: Mapping[str, Any] | None, *, owner: str | None, project: str | Non
     return L.is_ours(meta.get("annotations"), owner=owner, project=project)
 
 
+def released(obj: Mapping[str, Any]) -> bool:
+    """Whether ``obj`` is tpconf's but nobody's now: the keys Secret of an ``existing``
+    Deployment whose ``tpconf up`` has ended (it outlives the session, see ``proxies``)."""
+    annotations = obj["metadata"].get("annotations") or {}
+    return ours(obj, owner=None, project=None) and L.OWNER not in annotations
+
+
 def check_ours(current: Mapping[str, Any], req: ProxyRequest, kind: str) -> None:
-    """Raise unless ``req`` may write over ``current``: it is ours."""
-    if ours(current, owner=req.owner, project=req.project):
+    """Raise unless ``req`` may write over ``current``: it is ours, or :func:`released`."""
+    if ours(current, owner=req.owner, project=req.project) or released(current):
         return
-    described = describe(kind, str(current["metadata"].get("name")), req.namespace)
+    name = str(current["metadata"].get("name"))
+    described = describe(kind, name, req.namespace)
     if not ours(current, owner=None, project=None):
         raise errors.ClusterError(
             f"{described} already exists and was not created by tpconf",
-            hint="choose another name for this deployment in telepresence.yaml, or use "
+            hint=f"tpconf keeps the agent's keys in this Secret: delete it (`kubectl -n "
+            f"{req.namespace} delete secret {name}`) and tpconf creates its own"
+            if kind == "secrets"
+            else "choose another name for this deployment in telepresence.yaml, or use "
             "`swap:` or `existing:` for it instead of `new:`",
         )
     owner = (current["metadata"].get("annotations") or {})[L.OWNER]
     raise errors.ClusterError(
         f"{described} is in use by tpconf of {owner} (another user or project)",
-        hint=f"run `tpconf down` as {owner} in that project, or choose another name",
+        hint=f"{owner} frees it by ending their `tpconf up` or with `tpconf down` in that "
+        "project; `tpconf down --all` frees what tpconf has in the namespaces of "
+        "telepresence.yaml, whoever holds it",
     )
 
 

@@ -33,7 +33,7 @@ async def stop(cluster: Cluster, req: ProxyRequest, *, progress: Progress = quie
     """Undo :func:`start` for one request (the reconciler's stop); what it did. Idempotent.
 
     ``new``: its objects deleted; ``swap``: the Deployment restored; ``existing``: its keys
-    Secret deleted.
+    Secret released but kept, since the user's Deployment mounts it.
     """
     match req.operation:
         case New():

@@ -8,8 +8,11 @@ and the Secret is there milliseconds later, normally before the pod is even sche
 in between leaves a labelled Deployment that ``down`` removes. The Service of ``new`` is owned
 by its Deployment the same way.
 
-``existing``: tpconf writes this session's keys into the Secret the user's Deployment mounts
-(created if missing, labelled, not owned: the Deployment is the user's).
+``existing``: the user's Deployment mounts Secret ``<deployment>-tpconf-keys``, so that Secret
+outlives ``tpconf up``: without it the Deployment's next pod could not start. ``up`` *claims* it
+(writes this session's keys and its owner annotations), the end of ``up`` and ``tpconf down``
+*release* it (remove the owner annotations, keep the keys). The keys left behind are harmless:
+the client's private key only ever lives in the memory of the ``tpconf up`` that made it.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from tpconf import errors
 from tpconf.cluster import labels as L
 from tpconf.cluster import manifests as M
 from tpconf.cluster.client import Cluster, path
+from tpconf.cluster.errors import Conflict
 from tpconf.cluster.model import Existing, New, Proxy, ProxyRequest
 from tpconf.cluster.objects import (
+    JSON,
     Progress,
     apply,
     check_ours,
@@ -105,8 +110,8 @@ async def existing(cluster: Cluster, req: ProxyRequest, *, progress: Progress = 
     """Use a Deployment that already runs the agent; deliver fresh keys through its Secret.
 
     The Deployment must mount Secret ``<name>-tpconf-keys`` at /etc/tpconf/keys with mode 0440
-    (docs/agent.md). tpconf writes this session's keys into it (created if missing) and, when
-    they changed, deletes the current pods so that the ReplicaSet starts ones that
+    (docs/agent.md). tpconf claims that Secret (created if missing) with this session's keys
+    and, when they changed, deletes the current pods so that the ReplicaSet starts ones that
     read the new keys (the agent reads them at start).
     """
     op = req.operation
@@ -124,32 +129,14 @@ async def existing(cluster: Cluster, req: ProxyRequest, *, progress: Progress = 
             hint="give the Deployment a selector with matchLabels",
         )
     secret_name = M.keys_secret_name(name)
-    body = M.keys_secret(req, name=secret_name)
     current = await get(cluster, "secrets", ns, secret_name)
-    new_keys = True
-    if current is None:
-        progress(f"creating {describe('secrets', secret_name, ns)}")
-        await cluster.request(
-            "POST",
-            path("secrets", ns),
-            what=f"create {describe('secrets', secret_name, ns)}",
-            body=body,
-            sensitive=True,
-        )
-    else:
-        if ours(current, owner=None, project=None):
-            check_ours(current, req, "secrets")  # another user's or project's: refused
-        new_keys = _decoded(current) != M.secret_data(req.keys)
-        if new_keys:
-            progress(f"writing new keys into {describe('secrets', secret_name, ns)}")
-            body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-            await cluster.request(
-                "PUT",
-                path("secrets", ns, secret_name),
-                what=f"update {describe('secrets', secret_name, ns)}",
-                body=body,
-                sensitive=True,
-            )
+    if current is not None:
+        check_ours(current, req, "secrets")
+    new_keys = current is None or _decoded(current) != M.secret_data(req.keys)
+    if new_keys or not ours(current, owner=req.owner, project=req.project):
+        progress(f"writing this session's keys into {describe('secrets', secret_name, ns)}")
+        body = M.existing_keys_secret(req, name)
+        await apply(cluster, "secrets", body, req, sensitive=True)
     selector = L.selector_string(match)
     if new_keys:
         pods = await cluster.request(
@@ -172,12 +159,40 @@ async def existing(cluster: Cluster, req: ProxyRequest, *, progress: Progress = 
     )
 
 
+async def release(cluster: Cluster, secret: JSON, *, progress: Progress = quiet) -> str | None:
+    """Release the keys Secret of an ``existing`` Deployment: remove its owner annotations, keep
+    everything else (the Deployment's pods need it to start). What was released, or ``None``
+    if it changed meanwhile (claimed again: it is in use)."""
+    meta = secret["metadata"]
+    described = describe("secrets", meta["name"], meta["namespace"])
+    annotations = {
+        k: v for k, v in (meta.get("annotations") or {}).items() if k not in (L.OWNER, L.PROJECT)
+    }
+    progress(f"releasing {described} (the keys stay: the Deployment mounts them)")
+    try:
+        # Secrets get no status updates: a conflict means a new claim, which wins.
+        await cluster.request(
+            "PUT",
+            path("secrets", meta["namespace"], meta["name"]),
+            what=f"release {described}",
+            body={**secret, "metadata": {**meta, "annotations": annotations}},
+            sensitive=True,
+        )
+    except Conflict:
+        return None
+    return described
+
+
 async def stop_existing(
     cluster: Cluster, req: ProxyRequest, *, progress: Progress = quiet
 ) -> list[str]:
-    """Delete the Secret :func:`existing` wrote, if it is ours."""
+    """Release the Secret :func:`existing` claimed, if it still holds this request's keys."""
     op = req.operation
     assert isinstance(op, Existing)
-    secret = M.keys_secret_name(op.deployment)
-    deleted = await delete_ours(cluster, "secrets", req.namespace, secret, req, progress)
-    return [] if deleted is None else [deleted]
+    secret = await get(cluster, "secrets", req.namespace, M.keys_secret_name(op.deployment))
+    if secret is None or not ours(secret, owner=req.owner, project=req.project):
+        return []
+    if _decoded(secret) != M.secret_data(req.keys):
+        return []  # a later start of this project claimed it with its own keys: still in use
+    done = await release(cluster, secret, progress=progress)
+    return [] if done is None else [done]
