@@ -7,7 +7,6 @@ Secret outlives ``stop`` and ``down`` so that the Deployment's next pod still st
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,7 +42,6 @@ from tpconf.tunnel import PortForwardTarget, ProxyKeys, kubectl_port_forward, op
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT_DOCS = ROOT / "docs/agent.md"
-SCHEMA = ROOT / "schemas/telepresence.schema.json"
 
 
 def documented_deployment() -> dict[str, Any]:
@@ -82,25 +80,6 @@ def test_the_documented_deployment_is_what_the_code_expects() -> None:
         }
     ]
     assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == M.KEYS_MOUNT
-
-
-def test_every_config_key_a_cluster_hint_names_is_in_the_schema() -> None:
-    keys: set[str] = set()
-
-    def collect(node: Any) -> None:
-        if isinstance(node, dict):
-            keys.update(node.get("properties") or {})
-            for value in node.values():
-                collect(value)
-        elif isinstance(node, list):
-            for value in node:
-                collect(value)
-
-    collect(json.loads(SCHEMA.read_text()))
-    sources = "".join(p.read_text() for p in (ROOT / "tpconf/cluster").glob("*.py"))
-    named = set(re.findall(r"`([a-z][a-z-]*):", sources))
-    assert named, "the hints name config keys as `key:`"
-    assert named <= keys, f"not in the schema: {sorted(named - keys)}"
 
 
 def _secret(annotations: dict[str, str], **labels: str) -> dict[str, Any]:
