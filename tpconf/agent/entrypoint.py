@@ -6,17 +6,27 @@ Runs as any uid (OpenShift assigns one, gid 0): makes sure that uid has a passwd
 group-readable host keys), records what the pod looks like in /tmp/tpconf/podinfo.json, writes
 sshd's config and replaces itself with sshd in the foreground, which then receives SIGTERM as PID 1.
 
+As an intercept sidecar (``--intercept APP:AGENT ...``) it stays PID 1 instead: it runs the
+router (``router.py``: the listeners of the intercepted ports and their routes, configured over a
+Unix socket that developers reach through SSH) and sshd as its child, and on SIGTERM stops both.
+
 Standard library only: this file runs inside the image with Debian's python3, not in tpconf's
 environment.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import importlib
 import json
+import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 KEYS = Path("/etc/tpconf/keys")
 RUN = Path("/tmp/tpconf")
@@ -24,6 +34,12 @@ HOME = Path("/tmp/tpconf-home")
 USER = "tpconf"
 PORT = 8022
 SSHD = "/usr/sbin/sshd"
+#: The router's control socket (intercept mode); only the agent's uid can open it.
+ROUTER_SOCKET = RUN / "router.sock"
+#: Where the image keeps router.py (next to this file in the source tree).
+LIBRARY = Path("/usr/local/lib/tpconf-agent")
+#: Seconds an intercept sidecar keeps relaying open connections after SIGTERM.
+DRAIN_SECONDS = 10.0
 
 # Mount points that are the container runtime's or the agent's own, not the pod's volumes.
 EXCLUDED_MOUNTS = frozenset(
@@ -50,7 +66,7 @@ PermitUserEnvironment no
 AllowUsers {USER}
 AllowTcpForwarding yes
 GatewayPorts clientspecified
-AllowStreamLocalForwarding no
+AllowStreamLocalForwarding {{stream_local}}
 AllowAgentForwarding no
 X11Forwarding no
 PermitTunnel no
@@ -168,7 +184,56 @@ def write_podinfo(env: dict[str, str]) -> None:
     tmp.replace(RUN / "podinfo.json")
 
 
+def own_address() -> str:
+    """The pod's IP (the kubelet writes it into /etc/hosts for the pod's hostname)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def load_router() -> Any:
+    """router.py: in the image's library directory, or next to this file in the source tree."""
+    sys.path.insert(0, str(LIBRARY if LIBRARY.is_dir() else Path(__file__).resolve().parent))
+    return importlib.import_module("router")
+
+
+async def intercept(router: Any, ports: dict[int, int], config: Path) -> int:
+    """Run the router and sshd until SIGTERM; the exit code."""
+    app = own_address()
+    logging.basicConfig(level=logging.INFO, format="tpconf-agent: %(message)s")
+    routes = router.Router(ports, app_host=app)
+    await routes.start()
+    control = await routes.serve_control(str(ROUTER_SOCKET))
+    sshd = await asyncio.create_subprocess_exec(SSHD, "-D", "-e", "-f", str(config))
+    shown = ", ".join(f"{a} -> {app}:{p}" for p, a in sorted(ports.items()))
+    sys.stderr.write(f"tpconf-agent: intercepting {shown}; sshd on 127.0.0.1:{PORT}\n")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sshd_exit = asyncio.create_task(sshd.wait())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([sshd_exit, stopped], return_when=asyncio.FIRST_COMPLETED)
+    routes.close()
+    control.close()
+    if sshd.returncode is None:
+        sshd.terminate()
+    # Connections already open finish what they are doing (the pod is out of the Service's
+    # endpoints by now), within the drain time.
+    await routes.drain(DRAIN_SECONDS)
+    try:
+        code = await asyncio.wait_for(sshd_exit, 5)
+    except TimeoutError:
+        sshd.kill()
+        return 1
+    return 0 if stop.is_set() else (code or 1)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="tpconf-agent")
+    parser.add_argument("--intercept", action="append", default=[], metavar="APP:AGENT")
+    args = parser.parse_args()
     env = dict(os.environ)  # exactly as the container runtime gave it, before we touch anything
     umask = os.umask(0o077)
     ensure_passwd_entry()
@@ -176,10 +241,17 @@ def main() -> None:
     install_keys()
     write_podinfo(env)
     config = RUN / "sshd_config"
-    config.write_text(SSHD_CONFIG)
+    # Developers reach an intercept's router socket with a direct-streamlocal channel.
+    config.write_text(SSHD_CONFIG.format(stream_local="local" if args.intercept else "no"))
+    os.umask(umask)
+    if args.intercept:
+        ports = {}
+        for spec in args.intercept:
+            app, _, agent = spec.partition(":")
+            ports[int(app)] = int(agent)
+        sys.exit(asyncio.run(intercept(load_router(), ports, config)))
     sys.stderr.write(f"tpconf-agent: uid {os.getuid()}, sshd on 127.0.0.1:{PORT}\n")
     sys.stderr.flush()
-    os.umask(umask)
     # sshd becomes PID 1: it handles SIGTERM and reaps children. -e: log to stderr.
     os.execv(SSHD, [SSHD, "-D", "-e", "-f", str(config)])
 
