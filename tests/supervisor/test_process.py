@@ -12,6 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from tests.orphans import killed_parent, survivors
 from tests.supervisor.procs import alive
 from tpconf.errors import ProcessError
 from tpconf.supervisor.output import CaptureSink
@@ -253,3 +254,26 @@ def test_a_spec_needs_exactly_one_of_argv_and_shell() -> None:
         ProcessSpec(name="web", env={})
     with pytest.raises(ValueError, match="exactly one"):
         ProcessSpec(name="web", env={}, argv=("true",), shell="true")
+
+
+# Runs `sleep 300` supervised, prints its pid, then waits to be killed.
+SUPERVISING_PARENT = """
+import anyio, json, os
+from tpconf.supervisor.output import CaptureSink
+from tpconf.supervisor.process import ProcessSpec, run_process
+
+async def main():
+    spec = ProcessSpec(name="web", argv=("sleep", "300"), env=dict(os.environ))
+    async with anyio.create_task_group() as tg:
+        pid = await tg.start(lambda task_status: run_process(
+            spec, output=CaptureSink(), task_status=task_status))
+        print(json.dumps([pid]), flush=True)
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_the_command_dies_with_tpconf_even_on_sigkill() -> None:
+    with killed_parent(SUPERVISING_PARENT) as pids:
+        assert survivors(pids) == [], "the supervised command outlived tpconf"

@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from tests.orphans import killed_parent, survivors
 from tests.supervisor.procs import alive
 from tpconf.supervisor.process import ProcessExit
 from tpconf.supervisor.shell import choose_shell, run_shell
@@ -97,3 +98,28 @@ def test_the_shell_falls_back_to_bash_then_sh(tmp_path: Path) -> None:
     assert choose_shell({"SHELL": "/bin/sh"}, "/bin/bash") == "/bin/bash"
     missing = str(tmp_path / "nosh")
     assert choose_shell({"SHELL": missing}, missing) in (os.environ.get("SHELL"), "/bin/bash")
+
+
+# Runs an interactive bash on the pty given as argv[1], prints its pid, then waits to be killed.
+SHELL_PARENT = """
+import anyio, json, os, sys
+from tpconf.supervisor.shell import run_shell
+
+async def main():
+    tty = int(sys.argv[1])
+    async with anyio.create_task_group() as tg:
+        pid = await tg.start(lambda task_status: run_shell(
+            "web", dict(os.environ), shell="/bin/bash", stdin=tty, stdout=tty, stderr=tty,
+            task_status=task_status))
+        print(json.dumps([pid]), flush=True)
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_the_shell_is_hung_up_when_tpconf_dies_even_on_sigkill(pty: tuple[int, int]) -> None:
+    # The terminal stays open (this test holds it): only the death signal can end the shell.
+    _, child = pty
+    with killed_parent(SHELL_PARENT, str(child), pass_fds=(child,)) as pids:
+        assert survivors(pids) == [], "the interactive shell outlived tpconf"

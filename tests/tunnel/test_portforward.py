@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from tests.orphans import killed_parent, survivors
 from tpconf.errors import Forbidden, Transient, TunnelDown, TunnelError
 from tpconf.tunnel import (
     PortForwardTarget,
@@ -167,3 +168,28 @@ async def test_the_supervisor_restarts_port_forward_when_kubectl_dies(
             assert TunnelState.RECONNECTING in [e.state for e in events]
             tg.cancel_scope.cancel()
     assert not any(_alive(pid) for pid in _pids(fake_kubectl))
+
+
+# Runs one kubectl port-forward (the fake one first on PATH), prints its pid, waits to be killed.
+FORWARDING_PARENT = """
+import anyio, json
+from tpconf.tunnel import PortForwardTarget, kubectl_port_forward
+
+async def main():
+    target = PortForwardTarget(namespace="ns", resource="pod/agent")
+    async with kubectl_port_forward(target) as forward:
+        print(json.dumps([forward.pid]), flush=True)
+        await anyio.sleep(300)
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_kubectl_dies_with_tpconf_even_on_sigkill(
+    fake_kubectl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_KUBECTL_TARGET", "127.0.0.1:9")
+    with killed_parent(FORWARDING_PARENT) as pids:
+        assert pids == _pids(fake_kubectl)
+        assert survivors(pids) == [], "kubectl port-forward outlived tpconf"

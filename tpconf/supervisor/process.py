@@ -7,7 +7,8 @@ group is stopped, and the exit is reported and returned: there is no restart, a 
 stays finished until the config changes (Compose's default). When the task is cancelled the
 stop ladder runs on the whole group, shielded: SIGTERM, ``term_grace`` seconds, SIGKILL,
 ``kill_grace`` seconds, each step logged. Signalling only the pid would leave a shell's
-grandchildren running.
+grandchildren running. If tpconf itself dies (even ``kill -9``), the kernel kills the command
+(:func:`tpconf.pids.open_child`) and ``tpconf down`` stops what is left of its group.
 
 Use it as a unit of the reconciler::
 
@@ -30,6 +31,7 @@ import anyio
 from anyio.abc import ByteReceiveStream, Process, TaskStatus
 
 from tpconf.errors import ProcessError
+from tpconf.pids import group_members, open_child
 from tpconf.supervisor.output import OutputSink, Stream
 
 __all__ = ["ProcessExit", "ProcessSpec", "run_process"]
@@ -218,36 +220,6 @@ def _exit_hint(spec: ProcessSpec, returncode: int | None) -> str | None:
     return None
 
 
-def group_members(pgid: int) -> list[int]:
-    """Pids of the live (not zombie) processes in process group ``pgid``.
-
-    Zombies are left out: an orphan whose new parent does not reap it (a container's pid 1
-    often does not) still answers ``kill(0)`` but is already gone. Without ``/proc`` (macOS)
-    the answer is ``[pgid]`` while the kernel still knows the group.
-    """
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return []
-    except PermissionError:
-        pass
-    if not Path("/proc/self/stat").exists():
-        return [pgid]
-    members = []
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = Path(entry.path, "stat").read_bytes()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-                members.append(int(entry.name))
-    return members
-
-
 def _signal_group(name: str, pgid: int, sig: signal.Signals) -> bool:
     """Send ``sig`` to the group; False if the group is already gone."""
     try:
@@ -335,7 +307,7 @@ async def run_process(
     """
     _preflight(spec)
     try:
-        process = await anyio.open_process(
+        process = await open_child(
             spec.command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

@@ -37,6 +37,7 @@ import anyio
 from anyio.abc import Process, TaskStatus
 
 from tpconf.errors import ProcessError
+from tpconf.pids import open_child
 from tpconf.supervisor.process import ProcessExit
 
 __all__ = ["choose_shell", "run_shell"]
@@ -164,8 +165,15 @@ async def run_shell(
     with _shell_command(program, name, env) as (argv, shell_env):
         command = [*wrapper, *argv]
         try:
-            process = await anyio.open_process(
-                command, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=shell_env
+            # SIGHUP if tpconf dies: the shell hangs up its jobs as on a closed terminal.
+            process = await open_child(
+                command,
+                death_signal=signal.SIGHUP,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=cwd,
+                env=shell_env,
             )
         except OSError as exc:
             raise ProcessError(

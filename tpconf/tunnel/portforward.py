@@ -4,7 +4,8 @@ in the pod).
 :func:`kubectl_port_forward` starts ``kubectl [--kubeconfig K] [--context C] -n NS port-forward
 pod/NAME :8022 --address 127.0.0.1`` in its own process group, learns the local port from its
 ``Forwarding from 127.0.0.1:PORT -> 8022`` line, and on exit stops the whole group (SIGTERM,
-then SIGKILL after a grace period). One kubectl serves one SSH connection: when it dies, the SSH
+then SIGKILL after a grace period); the kernel kills it if tpconf dies first (even by
+``kill -9``: :func:`tpconf.pids.open_child`). One kubectl serves one SSH connection: when it dies, the SSH
 connection through it drops and the supervisor (:mod:`tpconf.tunnel.session`) starts a new one.
 
 stderr goes to an unnamed temporary file, so kubectl never blocks on a full pipe and its last
@@ -28,6 +29,7 @@ import anyio
 from anyio.abc import Process
 
 from tpconf.errors import Forbidden, TpconfError, TunnelDown, TunnelError, trim_payload
+from tpconf.pids import open_child
 from tpconf.tunnel.connection import AGENT_SSH_PORT, Endpoint
 from tpconf.tunnel.session import Transport
 
@@ -159,7 +161,7 @@ async def kubectl_port_forward(
     """
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by PortForward._stop
     try:
-        process = await anyio.open_process(
+        process = await open_child(
             target.command(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
