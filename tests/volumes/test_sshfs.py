@@ -20,12 +20,15 @@ from typing import TypeVar
 
 import anyio
 import pytest
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, Process
 
-from tpconf.errors import PrivilegeError
+from tests.orphans import killed_parent, survivors
+from tpconf.errors import MountError, PrivilegeError
+from tpconf.pids import ProcessId
 from tpconf.volumes import (
     Mount,
     check_fuse,
+    claim_mount_point,
     is_mounted,
     local_path,
     real_path_wrapper,
@@ -33,7 +36,7 @@ from tpconf.volumes import (
     run_mount,
     telepresence_env,
 )
-from tpconf.volumes.sshfs import _ProcessStream, command_stream
+from tpconf.volumes.sshfs import _ProcessStream, command_stream, mounted_at, source_host
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 T = TypeVar("T")
@@ -217,7 +220,7 @@ async def test_a_killed_sshfs_leaves_a_stale_mount_that_is_cleared_and_remounted
 ) -> None:
     opener = SftpServers()
     async with mounted(Mount(str(pod), tmp_path / "root"), opener) as root_dir:
-        found = await anyio.run_process(["pgrep", "-f", f"sshfs tpconf:{pod} {root_dir}"])
+        found = await anyio.run_process(["pgrep", "-f", f"sshfs {source_host()}:{pod} {root_dir}"])
         os.kill(int(found.stdout.split()[0]), 9)
         with anyio.fail_after(10):
             while len(opener.streams) < 2 or not is_mounted(root_dir):  # noqa: ASYNC110 (polls the mount table)
@@ -226,28 +229,23 @@ async def test_a_killed_sshfs_leaves_a_stale_mount_that_is_cleared_and_remounted
         assert await on_mount(app.read_text) == "greeting: hello\n"
 
 
-@root
-@skip_unless_fuse
-@pytest.mark.anyio
-async def test_tpconf_down_unmounts_what_a_crashed_session_left(pod: Path, tmp_path: Path) -> None:
-    point = tmp_path / "left"
-    point.mkdir()
+@asynccontextmanager
+async def hand_mount(pod: Path, point: Path, host: str) -> AsyncIterator[Process]:
+    """An sshfs mount of ``pod`` at ``point`` with source ``host:pod``, as another tpconf (or an
+    older one) would have made it; yields the sshfs process."""
+    await anyio.Path(point).mkdir(exist_ok=True)
     ours, theirs = socket.socketpair()
     with ours, theirs:
         sftp = await anyio.open_process([SFTP_SERVER], stdin=ours.fileno(), stdout=ours.fileno())
         sshfs = await anyio.open_process(
-            ["sshfs", f"tpconf:{pod}", str(point), "-f", "-o", "passive"],
+            ["sshfs", f"{host}:{pod}", str(point), "-f", "-o", "passive"],
             stdin=theirs.fileno(), stdout=theirs.fileno(),
         )  # fmt: skip
     try:
         with anyio.fail_after(10):
             while not is_mounted(point):  # noqa: ASYNC110 (polls the mount table)
                 await anyio.sleep(0.02)
-        sshfs.kill()  # killed with tpconf: the mount stays behind, stale
-        await sshfs.wait()
-        assert is_mounted(point)
-        assert await remove_leftover_mounts() == [point]
-        assert not is_mounted(point)
+        yield sshfs
     finally:
         for child in (sshfs, sftp):
             if child.returncode is None:
@@ -256,6 +254,142 @@ async def test_tpconf_down_unmounts_what_a_crashed_session_left(pod: Path, tmp_p
             await child.aclose()
         if is_mounted(point):
             await anyio.run_process(["fusermount3", "-u", "-z", str(point)], check=False)
+
+
+def gone_up() -> str:
+    """The source host of a ``tpconf up`` that no longer runs (its pid now runs this test)."""
+    me = ProcessId.own()
+    return f"tpconf.{me.pid}.{me.start + 1}"
+
+
+@root
+@skip_unless_fuse
+@pytest.mark.anyio
+async def test_tpconf_down_unmounts_only_what_a_crashed_up_left(pod: Path, tmp_path: Path) -> None:
+    crashed, running, older = tmp_path / "crashed", tmp_path / "running", tmp_path / "older"
+    async with (
+        hand_mount(pod, crashed, gone_up()) as sshfs,
+        hand_mount(pod, running, source_host()),  # another project's `up`, running
+        hand_mount(pod, older, "tpconf"),  # a tpconf that did not name its `up`
+    ):
+        sshfs.kill()  # killed with tpconf: the mount stays behind, stale
+        await sshfs.wait()
+        assert is_mounted(crashed)
+        assert sorted(await remove_leftover_mounts()) == [crashed, older]
+        assert not is_mounted(crashed) and not is_mounted(older)
+        assert is_mounted(running)
+        assert await remove_leftover_mounts() == []
+
+
+@root
+@skip_unless_fuse
+@pytest.mark.anyio
+async def test_a_mount_point_that_is_not_tpconfs_is_refused_and_left_mounted(
+    pod: Path, tmp_path: Path
+) -> None:
+    point = tmp_path / "tmpfs"
+    point.mkdir()
+    await anyio.run_process(["mount", "-t", "tmpfs", "tpconf-test", str(point)])
+    try:
+        with pytest.raises(MountError, match="is already a mount point \\(tmpfs tpconf-test\\)"):
+            with anyio.fail_after(15):
+                await run_mount(Mount(str(pod), point), SftpServers())
+        assert is_mounted(point)
+    finally:
+        await anyio.run_process(["umount", str(point)])
+
+
+@root
+@skip_unless_fuse
+@pytest.mark.anyio
+async def test_the_mount_of_another_running_up_is_refused_and_left_mounted(
+    pod: Path, tmp_path: Path
+) -> None:
+    point = tmp_path / "shared"
+    other = await anyio.open_process(["sleep", "60"])
+    try:
+        other_id = ProcessId.of(other.pid)
+        assert other_id is not None
+        async with hand_mount(pod, point, f"tpconf.{other.pid}.{other_id.start}"):
+            with pytest.raises(
+                MountError, match=f"mounted by another running tpconf up \\(pid {other.pid}\\)"
+            ):
+                with anyio.fail_after(15):
+                    await run_mount(Mount(str(pod), point), SftpServers())
+            assert is_mounted(point)
+    finally:
+        other.kill()
+        await other.wait()
+        await other.aclose()
+
+
+@root
+@skip_unless_fuse
+@pytest.mark.anyio
+async def test_what_a_crashed_up_left_at_the_path_is_unmounted_and_mounted_again(
+    pod: Path, tmp_path: Path
+) -> None:
+    point = tmp_path / "root"
+    async with hand_mount(pod, point, gone_up()) as sshfs:
+        sshfs.kill()
+        await sshfs.wait()
+        async with mounted(Mount(str(pod), point), SftpServers()) as root_dir:
+            assert mounted_at(root_dir) == ("fuse.sshfs", f"{source_host()}:{pod}")
+            assert (
+                await on_mount((root_dir / "etc/config/app.yaml").read_text) == "greeting: hello\n"
+            )
+
+
+@pytest.mark.anyio
+async def test_a_folder_with_files_or_a_file_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    full = tmp_path / "home"
+    full.mkdir()
+    (full / ".bashrc").write_text("mine")
+    with pytest.raises(
+        MountError, match="is not empty: tpconf mounts only on an empty folder"
+    ) as info:
+        await claim_mount_point(full)
+    assert info.value.hint is not None and "`volumes.root`" in info.value.hint
+    assert (full / ".bashrc").read_text() == "mine"
+    with pytest.raises(MountError, match="is not a folder"):
+        await claim_mount_point(full / ".bashrc")
+    assert await claim_mount_point(tmp_path / "new/deeper") is True  # made, with its parents
+    assert await claim_mount_point(tmp_path / "new/deeper") is False  # there, empty: used
+
+
+@root
+@skip_unless_fuse
+@pytest.mark.timeout(30)
+def test_sshfs_unmounts_and_exits_when_tpconf_dies_even_on_sigkill(
+    pod: Path, tmp_path: Path
+) -> None:
+    point = tmp_path / "root"
+    with killed_parent(MOUNTING_PARENT, str(pod), str(point)) as pids:
+        assert survivors(pids) == [], "sshfs or sftp-server outlived tpconf"
+    assert not is_mounted(point)
+
+
+# Mounts argv[1] at argv[2] with run_mount, prints the pids of its children, waits to be killed.
+MOUNTING_PARENT = """
+import anyio, json, os, sys
+from pathlib import Path
+from tpconf.volumes import Mount, command_stream, run_mount
+
+async def sftp():
+    return await command_stream(["/usr/lib/openssh/sftp-server"])
+
+def children():
+    me = str(os.getpid())
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()
+            and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == me]
+
+async def main():
+    async with anyio.create_task_group() as tg:
+        await tg.start(run_mount, Mount(sys.argv[1], Path(sys.argv[2])), sftp)
+        print(json.dumps(children()), flush=True)
+
+anyio.run(main)
+"""
 
 
 @root

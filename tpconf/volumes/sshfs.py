@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -32,14 +33,16 @@ from anyio.streams.stapled import StapledByteStream
 
 from tpconf.errors import MountError, PrivilegeError, TpconfError
 from tpconf.net import relay
+from tpconf.pids import ProcessId, open_child
 
 log = logging.getLogger(__name__)
 
 #: Opens a new SFTP byte stream (an SSH "sftp" subsystem channel in production).
 SftpOpener = Callable[[], Awaitable[ByteStream]]
 
-#: The "host" in sshfs's source, ``tpconf:/remote/path``: shows in ``mount`` and marks a mount
-#: as tpconf's for :func:`remove_leftover_mounts`.
+#: The "host" in sshfs's source, ``tpconf.PID.START:/remote/path`` (the ``tpconf up`` that
+#: made the mount, by :class:`~tpconf.pids.ProcessId`): shows in ``mount``, marks a mount as
+#: tpconf's and says whether the ``up`` that made it still runs (:func:`owner`).
 SOURCE_HOST = "tpconf"
 
 
@@ -91,8 +94,46 @@ def mounts() -> list[tuple[Path, str, str]]:
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a mount point now (by ``/proc/self/mountinfo``, never ``stat``)."""
+    return mounted_at(path) is not None
+
+
+def mounted_at(path: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """(file system type, source) of the topmost mount at ``path``, if it is a mount point."""
     target = Path(os.path.abspath(path))
-    return any(point == target for point, _, _ in mounts())
+    found = [(fstype, source) for point, fstype, source in mounts() if point == target]
+    return found[-1] if found else None
+
+
+def source_host() -> str:
+    """The sshfs "host" of this process's mounts: ``tpconf.PID.START``."""
+    me = ProcessId.own()
+    return f"{SOURCE_HOST}.{me.pid}.{me.start}"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The ``tpconf up`` that made an sshfs mount."""
+
+    pid: int | None
+    start: int | None
+    """``None`` for a mount of a tpconf that did not record itself: its maker is unknown."""
+
+    def alive(self) -> bool:
+        if self.pid is None or self.start is None:
+            return False
+        found = ProcessId.of(self.pid)
+        return found is not None and found.start == self.start
+
+
+def owner(fstype: str, source: str) -> Owner | None:
+    """Who made the mount of this type and source; ``None`` if tpconf did not make it."""
+    host = source.partition(":")[0]
+    if fstype != "fuse.sshfs" or not (host == SOURCE_HOST or host.startswith(SOURCE_HOST + ".")):
+        return None
+    _, pid, start = (host.split(".") + ["", ""])[:3]
+    if not (pid.isdigit() and start.isdigit()):
+        return Owner(None, None)
+    return Owner(int(pid), int(start))
 
 
 def is_stale(path: str | os.PathLike[str]) -> bool:
@@ -124,16 +165,94 @@ async def unmount(path: str | os.PathLike[str], *, attempts: int = 5, delay: flo
     log.warning("%s was busy and has been detached (lazy unmount)", path)
 
 
+def leftover_mounts() -> list[Path]:
+    """The sshfs mounts tpconf made whose ``tpconf up`` no longer runs (deepest first)."""
+    found = []
+    for point, fstype, source in mounts():
+        made_by = owner(fstype, source)
+        if made_by is not None and not made_by.alive():
+            found.append(point)
+    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+
+
 async def remove_leftover_mounts() -> list[Path]:
-    """Unmount every sshfs mount tpconf made (after a crash, for `tpconf down`)."""
-    found = [
-        point
-        for point, fstype, source in mounts()
-        if fstype == "fuse.sshfs" and source.startswith(SOURCE_HOST + ":")
-    ]
-    for point in found:
-        await unmount(point)
-    return found
+    """Unmount the sshfs mounts a crashed ``tpconf up`` left (for ``tpconf down``).
+
+    Only mounts tpconf made, and only those whose ``up`` is gone: another project's running
+    ``up`` keeps its mounts. Raises :class:`MountError` naming every mount it could not remove,
+    after trying them all.
+    """
+    removed, failed = [], []
+    for point in leftover_mounts():
+        try:
+            await unmount(point)
+        except MountError as exc:
+            failed.append(exc)
+        else:
+            removed.append(point)
+    if failed:
+        raise MountError(
+            "; ".join(exc.message for exc in failed),
+            hint="unmounting another user's mount needs root: run `sudo tpconf down`"
+            if os.geteuid() != 0
+            else failed[0].hint,
+        )
+    return removed
+
+
+async def claim_mount_point(local: Path) -> bool:
+    """Make ``local`` ready for a new mount, or refuse; whether the folder had to be made.
+
+    What a crashed ``up`` left mounted there is unmounted; anything else refuses the mount with
+    a :class:`MountError`: a mount point that is not tpconf's (a system folder, another user's
+    mount), a mount of a ``tpconf up`` that still runs, a file, or a folder with files in it
+    (they would be hidden under the mount, or written over through it).
+    """
+    found = mounted_at(local)
+    if found is not None:
+        fstype, source = found
+        made_by = owner(fstype, source)
+        if made_by is None:
+            raise MountError(
+                f"{local} is already a mount point ({fstype} {source}): tpconf mounts only on "
+                "a folder of its own",
+                hint="choose another local path (`volumes.root`, or `local` of the mapping)",
+            )
+        if made_by.alive():
+            raise MountError(
+                f"{local} is mounted by another running tpconf up (pid {made_by.pid})",
+                hint="stop that one, or give this deployment another local path",
+            )
+        log.warning("%s: unmounting what a crashed tpconf up left mounted", local)
+        await unmount(local)
+    elif await anyio.to_thread.run_sync(is_stale, local):
+        await unmount(local)
+
+    def check_folder() -> bool:
+        if not local.exists() and not local.is_symlink():
+            local.mkdir(parents=True)
+            return True
+        if not local.is_dir() or local.is_symlink():
+            raise MountError(
+                f"{local} is not a folder: tpconf mounts only on an empty folder",
+                hint="choose another local path (`volumes.root`, or `local` of the mapping)",
+            )
+        if any(local.iterdir()):
+            raise MountError(
+                f"{local} is not empty: tpconf mounts only on an empty folder, so that no file "
+                "of this machine is hidden or written over",
+                hint="empty or remove it, or choose another local path (`volumes.root`, or "
+                "`local` of the mapping)",
+            )
+        return False
+
+    try:
+        return await anyio.to_thread.run_sync(check_folder)
+    except PermissionError as exc:
+        raise MountError(
+            f"cannot use {local} as a mount point: {exc.strerror}",
+            hint="choose a local path this user can write to",
+        ) from exc
 
 
 class _ProcessStream(ByteStream):
@@ -165,7 +284,7 @@ class _ProcessStream(ByteStream):
 
 async def command_stream(argv: Sequence[str]) -> _ProcessStream:
     """An SFTP stream from a child speaking SFTP on stdio (``ssh -s HOST sftp``, sftp-server)."""
-    process = await anyio.open_process(list(argv), stderr=None)
+    process = await open_child(list(argv), stderr=None)
     return _ProcessStream(process)
 
 
@@ -192,7 +311,7 @@ def sshfs_argv(mount: Mount, *, sshfs: str = "sshfs") -> list[str]:
         options.append("no_contain_symlinks")
     if mount.read_only:
         options.append("ro")
-    source = f"{SOURCE_HOST}:{mount.remote_path}"
+    source = f"{source_host()}:{mount.remote_path}"
     return [sshfs, source, str(mount.local_path), "-f", "-o", ",".join(options)]
 
 
@@ -209,7 +328,12 @@ async def _mount_once(
     try:
         # Its own session: a Ctrl-C on the terminal reaches tpconf's whole process group, and
         # sshfs must not exit (dropping the mount) before tpconf unmounts it in order.
-        process = await anyio.open_process(sshfs_argv(mount, sshfs=sshfs), start_new_session=True)
+        # If tpconf dies, SIGTERM lets sshfs unmount before it exits.
+        process = await open_child(
+            sshfs_argv(mount, sshfs=sshfs),
+            death_signal=signal.SIGTERM,
+            start_new_session=True,
+        )
     except BaseException:
         with anyio.CancelScope(shield=True):
             await stream.aclose()
@@ -229,9 +353,9 @@ async def _mount_once(
             tg.start_soon(collect_stderr)
             with anyio.move_on_after(ready_timeout):
                 # the kernel's mount table has no event to wait on: poll it
-                while process.returncode is None and not is_mounted(mount.local_path):  # noqa: ASYNC110
+                while process.returncode is None and not _ours(mount.local_path):  # noqa: ASYNC110
                     await anyio.sleep(0.02)
-            if process.returncode is None and is_mounted(mount.local_path):
+            if process.returncode is None and _ours(mount.local_path):
                 mounted = True
                 on_ready()
                 await process.wait()
@@ -258,6 +382,12 @@ async def _mount_once(
         )
 
 
+def _ours(local: Path) -> bool:
+    """Whether the mount at ``local`` is this process's (never unmount someone else's)."""
+    found = mounted_at(local)
+    return found is not None and found[1].partition(":")[0] == source_host()
+
+
 async def run_mount(
     mount: Mount,
     open_sftp: SftpOpener,
@@ -278,11 +408,7 @@ async def run_mount(
     mount = Mount(mount.remote_path, local, mount.read_only)
     # File system calls go to threads: a path under another mount of this process would be
     # served by this very event loop.
-    if is_mounted(local) or await anyio.to_thread.run_sync(is_stale, local):
-        log.warning("%s is still mounted (a previous session?); unmounting it", local)
-        await unmount(local)
-    created = not await anyio.to_thread.run_sync(local.exists)
-    await anyio.to_thread.run_sync(lambda: local.mkdir(parents=True, exist_ok=True))
+    created = await claim_mount_point(local)
     started = False
 
     def ready() -> None:
@@ -303,12 +429,12 @@ async def run_mount(
                 if not started:
                     raise
                 log.warning("volume %s: cannot mount again yet: %s", local, exc)
-            if is_mounted(local) or await anyio.to_thread.run_sync(is_stale, local):
+            if _ours(local) or await anyio.to_thread.run_sync(is_stale, local):
                 await unmount(local)
             await anyio.sleep(retry_delay)
     finally:
         with anyio.CancelScope(shield=True):
-            if is_mounted(local):
+            if _ours(local):
                 await unmount(local)
             if created and not is_mounted(local):
                 try:
