@@ -217,10 +217,15 @@ def status_table(snapshot: state.Snapshot) -> Table:
     return table
 
 
-def _session(path: Path) -> Session:
+def _session(path: Path, *, port_forwards: bool = True) -> Session:
+    """The session of the project of ``path``; ``down`` and ``status`` never port-forward, so
+    they work without kubectl (under ``sudo``, its PATH may not have it)."""
     from tpconf.reconcile.session import Session
 
-    return Session(project_dir=path.resolve().parent)
+    project_dir = path.resolve().parent
+    if port_forwards:
+        return Session(project_dir=project_dir)
+    return Session(project_dir=project_dir, kubectl="kubectl")
 
 
 @cli.command()
@@ -265,7 +270,7 @@ def down(file: Path | None, everything: bool) -> int:
     report = anyio.run(
         partial(
             cleanup.down,
-            _session(path),
+            _session(path, port_forwards=False),
             path,
             everything=everything,
             progress=lambda text: _console().print(Text(text, style="dim")),
@@ -318,7 +323,7 @@ async def _cluster_leftovers(path: Path) -> list[str]:
         project = load_project(path, methods=REGISTRY)
     except TpconfError as exc:
         return [f"(could not check the cluster: {explain(exc).render()})"]
-    return await cleanup.cluster_leftovers(_session(path), project)
+    return await cleanup.cluster_leftovers(_session(path, port_forwards=False), project)
 
 
 @cli.command()
@@ -330,9 +335,10 @@ async def _cluster_leftovers(path: Path) -> list[str]:
 def env(file: Path | None, name: str, fmt: str) -> None:
     """Print the environment deployment NAME's process gets from the pod (needs `tpconf up`)."""
     path = file if file is not None else find_config_file()
+    state_dir = path.resolve().parent / ".tpconf"
+    state.check_dir(state_dir)  # a linked directory could hold anyone's socket
     reply = anyio.run(
-        partial(control.request, path.resolve().parent / ".tpconf", {"op": "env", "name": name}),
-        backend="asyncio",
+        partial(control.request, state_dir, {"op": "env", "name": name}), backend="asyncio"
     )
     values = reply["env"]
     assert isinstance(values, dict)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 
+from tpconf import pids
 from tpconf.config import DeploymentSpec, Project, load_project
 from tpconf.errors import ConfigError, TpconfError
 from tpconf.methods import REGISTRY
@@ -88,6 +89,7 @@ async def run_up(
     """
     # A broken file at start: nothing to keep, the CLI reports.
     project = load_project(config, methods=REGISTRY)
+    state.check_dir(session.state_dir)
     await _refuse_a_second_up(session)
     reporter.warnings(project.warnings)
     started = time.time()
@@ -105,6 +107,7 @@ async def run_up(
 
         reconciler = Reconciler(root, session, output, request_stop=stop.set, on_change=changed)
         root.start_soon(_signals, stop, root.cancel_scope)
+        await root.start(_record_children, session)
         await root.start(control.serve, session.state_dir, partial(_control, reconciler))
 
         async def work() -> None:
@@ -189,6 +192,14 @@ def _control(reconciler: Reconciler, req: dict[str, object]) -> dict[str, object
             known = ", ".join(reconciler.running) or "none"
             raise TpconfError(f"deployment {name} is not running (running: {known})") from None
     raise TpconfError(f"unknown request {req.get('op')!r}")
+
+
+async def _record_children(session: Session, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    """Record the children that lead a process group until the session ends: the kernel kills
+    them if this process dies, and `tpconf down` stops what their groups leave."""
+    with pids.recording(session.state_dir / state.CHILDREN_FILE):
+        task_status.started()
+        await anyio.sleep_forever()
 
 
 async def _signals(stop: anyio.Event, root: anyio.CancelScope) -> None:
