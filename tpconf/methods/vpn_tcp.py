@@ -10,16 +10,23 @@ and the local DNS server (with the machine's DNS redirected to it); the last mem
 stops them. A member leaving removes only its routes: the others keep working, and a range two
 members route falls over to the one that stays. DNS is answered through one member's resolver;
 when that member leaves, the DNS server restarts on the next member's.
+
+The machine's DNS never points at nothing: the redirect to the DNS server is in place only while
+the server listens (:func:`run_dns`). If the server fails, the redirect is removed at once (the
+machine's own nameservers answer again, cluster names do not), the failure is shown, and the
+server is started again with back-off. The iptables rules record the project that made them, so
+a second project's vpn-tcp is refused naming this one (:mod:`tpconf.redirect.routing`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from ipaddress import IPv4Address, IPv4Network
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -92,6 +99,8 @@ class SharedVpn:
 
                 routing.check_privileges()
                 vpn, task = VPN(), _Task()
+                # What another project's `up` is told when it finds this one's rules.
+                vpn.routing.project = str(link.project.base_dir)
                 tg = self._services.task_group
                 await tg.start(self._run, task, vpn.run, "vpn", name="vpn")
                 self._vpn, self._vpn_task = vpn, task  # only a VPN that started is shared
@@ -161,22 +170,28 @@ class SharedVpn:
         from tpconf.proxy import DnsServer
         from tpconf.redirect import routing
 
-        assert self._vpn is not None
+        vpn = self._vpn
+        assert vpn is not None
         member = self._members[name]
         upstreams = routing.read_nameservers()
         upstream = (str(upstreams[0]), 53) if upstreams else ("127.0.0.1", 53)
         reverse = sorted({str(n) for m in self._members.values() for n in m.networks})
-        server = DnsServer(
-            member.link.resolver,
-            upstream=upstream,
-            reverse_networks=reverse,
-            upstream_mark=self._vpn.mark,
+
+        def server() -> Serve:
+            return DnsServer(
+                member.link.resolver,
+                upstream=upstream,
+                reverse_networks=reverse,
+                upstream_mark=vpn.mark,
+            ).serve
+
+        serve = partial(
+            run_dns, vpn, server, upstreams, notice=lambda text: self._services.notice(name, text)
         )
         self._dns_task = _Task()
         tg = self._services.task_group
-        port = await tg.start(self._run, self._dns_task, server.serve, name, name="vpn-dns")
+        await tg.start(self._run, self._dns_task, serve, name, name="vpn-dns")
         self._dns_owner = name
-        await self._vpn.redirect_dns(port, upstreams)
 
     async def _run(
         self, task: _Task, serve: Serve, who: str, *, task_status: TaskStatus[int]
@@ -230,7 +245,57 @@ class _Started:
         self._callback(value)
 
 
-Serve = Callable[..., Awaitable[None]]
+Serve = Callable[..., Coroutine[Any, Any, None]]
+
+
+async def run_dns(
+    vpn: VPN,
+    server: Callable[[], Serve],
+    nameservers: Sequence[IPv4Address],
+    *,
+    notice: Callable[[str], None],
+    retry: float = 1.0,
+    retry_max: float = 30.0,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a DNS server made by ``server`` with the machine's DNS (for ``nameservers``)
+    redirected to it while it listens; ``started(port)`` once both are in place.
+
+    A failure to start is raised. A failure later removes the redirect before anything else
+    (a redirect to a closed port leaves the machine with no DNS at all), is shown through
+    ``notice``, and the server is started again after ``retry`` seconds, doubling up to
+    ``retry_max``. On cancellation the caller removes the redirect.
+    """
+    started = False
+    delay = retry
+    while True:
+        try:
+            async with anyio.create_task_group() as tg:
+                port = await tg.start(server())
+                await vpn.redirect_dns(port, nameservers)
+                if started:
+                    notice("vpn-tcp DNS server runs again: the machine's DNS goes through it")
+                else:
+                    started = True
+                    task_status.started(port)
+                delay = retry
+        except Exception as exc:
+            if not started:
+                raise
+            with anyio.CancelScope(shield=True):
+                await vpn.redirect_dns(None)
+            log.debug("vpn-tcp DNS server failed", exc_info=True)
+            notice(
+                f"vpn-tcp DNS server failed: {explain(exc).render()}\n"
+                "the machine's DNS goes to its own nameservers again (cluster names do not "
+                f"resolve); restarting it in {delay:g} s"
+            )
+        else:
+            with anyio.CancelScope(shield=True):
+                await vpn.redirect_dns(None)
+            notice(f"vpn-tcp DNS server stopped; restarting it in {delay:g} s")
+        await anyio.sleep(delay)
+        delay = min(retry_max, delay * 2)
 
 
 def _context_text(context: str | None) -> str:

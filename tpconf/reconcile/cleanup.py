@@ -1,11 +1,13 @@
 """``tpconf down`` and what ``tpconf status`` finds left behind: cleaning up after an ``up``.
 
 ``down`` works from what is on this machine and in the cluster, not from a running ``up``, so it
-finishes what a crash (even ``kill -9``) left: the namespaces of the last session (from its state
-file) and of the file as it is now are searched for this owner's and project's objects. The local
-side goes first (iptables rules and the DNS redirect of vpn-tcp, sshfs mounts) and does not need
-the cluster, so a machine whose API server is gone gets its DNS back all the same; each cluster
-target that fails is reported with what to run to finish.
+finishes what a crash (even ``kill -9``) left. The local side goes first and needs neither the
+file nor the cluster: the process groups the crashed ``up``'s children left
+(:func:`tpconf.pids.stop_leftovers`), its sshfs mounts, and vpn-tcp's iptables rules with the DNS
+redirect; a machine whose kubeconfig is missing or whose API server is gone gets its DNS back all
+the same. Then the namespaces of the last session (from its state file) and of the file as it is
+now are searched for this owner's and project's objects; each target that fails is reported with
+what to run to finish. Another project's running ``up`` keeps its mounts and rules.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from pathlib import Path
 
 import anyio
 
-from tpconf import cluster, volumes
+from tpconf import cluster, pids, volumes
 from tpconf.config import Project, load_project
 from tpconf.errors import ConfigError, Explanation, TpconfError, explain
 from tpconf.methods import REGISTRY
-from tpconf.reconcile import state
+from tpconf.reconcile import control, state
 from tpconf.reconcile.session import Session
 from tpconf.redirect import routing
 
@@ -41,8 +43,31 @@ class DownReport:
     failures: list[Explanation] = field(default_factory=list)
 
 
-def _targets(session: Session, path: Path, report: DownReport) -> set[Target]:
-    snapshot = state.read(session.state_dir)
+async def _last_session(session: Session, report: DownReport) -> state.Snapshot | None:
+    """The crashed ``up``'s snapshot; refuses while an ``up`` runs here."""
+    state.check_dir(session.state_dir)
+    try:
+        snapshot = state.read(session.state_dir)
+    except TpconfError as exc:
+        report.warnings.append(Explanation(f"{exc.message} (ignored)"))
+        snapshot = None
+    running = snapshot.pid if snapshot is not None and snapshot.alive else None
+    if running is None:
+        # A state file that is gone or unreadable proves nothing: ask the socket too.
+        try:
+            pid = (await control.request(session.state_dir, {"op": "ping"})).get("pid")
+        except TpconfError:
+            pid = None
+        running = pid if isinstance(pid, int) else None
+    if running is not None and running != os.getpid():
+        raise TpconfError(
+            f"tpconf up is still running here (pid {running})",
+            hint="stop it with Ctrl-C (it cleans up); `tpconf down` is for what a crash left",
+        )
+    return snapshot
+
+
+def _targets(snapshot: state.Snapshot | None, path: Path, report: DownReport) -> set[Target]:
     targets: set[Target] = set()
     if snapshot is not None:  # what the crashed `up` ran, whatever the file says now
         targets |= {(None, row.namespace or None) for row in snapshot.deployments}
@@ -50,7 +75,15 @@ def _targets(session: Session, path: Path, report: DownReport) -> set[Target]:
         project = load_project(path, methods=REGISTRY)
     except ConfigError as exc:
         if not targets:
-            raise
+            report.failures.append(
+                Explanation(
+                    f"{explain(exc).render()}\n(the cluster was not cleaned up: the file names "
+                    "its namespaces)",
+                    hint="fix the file, then run `tpconf down` again",
+                    config=True,
+                )
+            )
+            return set()
         report.warnings.append(
             Explanation(
                 f"{explain(exc).render()}\n(cleaning up the namespaces of the last session)"
@@ -58,11 +91,6 @@ def _targets(session: Session, path: Path, report: DownReport) -> set[Target]:
         )
     else:
         targets |= {(d.context, d.namespace) for d in project.deployments}
-    if snapshot is not None and snapshot.alive and snapshot.pid != os.getpid():
-        raise TpconfError(
-            f"tpconf up is still running here (pid {snapshot.pid})",
-            hint="stop it with Ctrl-C (it cleans up); `tpconf down` is for what a crash left",
-        )
     return targets or {(None, None)}
 
 
@@ -75,9 +103,9 @@ async def down(
 ) -> DownReport:
     """Clean up what this project left: locally first, then in each cluster namespace."""
     report = DownReport()
-    targets = _targets(session, path, report)
-    report.done.extend(await local_leftovers())
-    for context, namespace in sorted(targets, key=str):
+    snapshot = await _last_session(session, report)
+    await local_leftovers(session.state_dir, report)
+    for context, namespace in sorted(_targets(snapshot, path, report), key=str):
         try:
             client = await session.cluster(context, namespace)
             namespaces = [namespace or client.namespace]
@@ -90,9 +118,9 @@ async def down(
             where = f"namespace {namespace}" if namespace else "the current namespace"
             report.failures.append(
                 Explanation(
-                    f"could not clean up {where}: {failure.message}",
+                    f"could not clean up {where} in the cluster: {failure.message}",
                     hint=(failure.hint + "; then " if failure.hint else "")
-                    + "run `tpconf down` again to finish",
+                    + "run `tpconf down` again to finish (this machine is cleaned up already)",
                 )
             )
         else:
@@ -102,18 +130,37 @@ async def down(
     return report
 
 
-async def local_leftovers() -> list[str]:
-    """What a crashed `up` left on this machine: vpn-tcp rules and DNS redirect, sshfs mounts."""
-    lines = [f"unmounted {path}" for path in await volumes.remove_leftover_mounts()]
+async def local_leftovers(state_dir: Path, report: DownReport) -> None:
+    """What a crashed ``up`` left on this machine: its children's process groups, its sshfs
+    mounts, vpn-tcp's rules and DNS redirect. Each part is tried whatever the others did."""
     try:
-        chains = await routing.remove_leftovers()
+        report.done.extend(
+            await anyio.to_thread.run_sync(pids.stop_leftovers, state_dir / state.CHILDREN_FILE)
+        )
+    except (ValueError, TypeError) as exc:
+        record = state_dir / state.CHILDREN_FILE
+        report.warnings.append(
+            Explanation(
+                f"{record} is not a record of tpconf's children ({exc}): processes a crashed "
+                "`tpconf up` started may still run",
+                hint=f"look for them with `ps -ef`, then remove the file (`rm {record}`)",
+            )
+        )
+    try:
+        report.done.extend(f"unmounted {path}" for path in await volumes.remove_leftover_mounts())
+    except TpconfError as exc:
+        report.failures.append(explain(exc))
+    try:
+        removed = await routing.remove_leftovers()
+        owner = None if removed else await routing.rules_owner()
     except TpconfError as exc:
         # Without root, rules a crashed `sudo tpconf up` left (and its DNS redirect) stay.
-        lines.append(f"vpn-tcp rules not checked ({exc.message}): run `sudo -E tpconf down` if")
-        lines.append("  a vpn-tcp `tpconf up` crashed here")
+        report.done.append(f"vpn-tcp rules not checked ({exc.message}): run `sudo -E tpconf down`")
+        report.done.append("  if a vpn-tcp `tpconf up` crashed here")
     else:
-        lines += [f"removed iptables chain {chain}" for chain in sorted(chains)]
-    return lines
+        report.done.extend(f"removed iptables chain {chain}" for chain in sorted(removed))
+        if owner is not None and owner.running():
+            report.done.append(f"kept the vpn-tcp rules of {owner.describe()}: it still runs")
 
 
 async def cluster_leftovers(session: Session, project: Project) -> list[str]:

@@ -16,7 +16,8 @@ Owns three things, all local to this machine:
 The rules (``nat`` table; ``TPCONF`` is the default chain prefix)::
 
     OUTPUT         -j TPCONF-OUTPUT                      (inserted first, before KUBE-*)
-    TPCONF-OUTPUT  -m mark --mark MARK -j RETURN         our own upstream DNS (SO_MARK)
+    TPCONF-OUTPUT  -m comment --comment tpconf-up:PID:START:PROJECT     who made them
+                   -m mark --mark MARK -j RETURN         our own upstream DNS (SO_MARK)
                    -p udp -d NAMESERVER --dport 53 -j REDIRECT --to-ports DNS_PORT
                    -p tcp -d NAMESERVER --dport 53 -j REDIRECT --to-ports DNS_PORT
                    -o lo -j RETURN                       local destinations
@@ -25,24 +26,35 @@ The rules (``nat`` table; ``TPCONF`` is the default chain prefix)::
                    -p tcp -j TPCONF-ROUTES
     TPCONF-ROUTES  -d CIDR -p tcp -j REDIRECT --to-ports VPN_PORT    (one per routed range)
 
+The chains are the machine's (one network namespace's), so they carry their owner: the
+``tpconf up`` that made them, by pid and start time (:class:`~tpconf.pids.ProcessId`), and its
+project directory. A second project's vpn-tcp ``up`` is refused, naming the first, while that one
+runs; rules whose ``up`` is gone (a crash) are taken over or removed; ``tpconf down`` never
+removes the rules of an ``up`` that still runs. A lock file serialises the check and the first
+write, so two ``up`` starting together cannot both take the chains.
+
 IPv4 only: IPv6 ranges and nameservers are ignored with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import logging
 import os
 import shutil
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Generic, TypeVar
+from urllib.parse import quote, unquote
 
 import anyio
 
 from tpconf.errors import PrivilegeError, ProxyError
+from tpconf.pids import ProcessId
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +244,45 @@ class RuleSet:
         }
 
 
+_OWNER_TAG = "tpconf-up"
+
+
+@dataclass(frozen=True)
+class RulesOwner:
+    """The ``tpconf up`` whose nat rules these are."""
+
+    process: ProcessId
+    project: str
+    """Its project directory ("" if it did not say)."""
+
+    def comment(self) -> str:
+        """The rule comment that records it (iptables allows 255 characters)."""
+        project = quote(self.project, safe="/._-~+")[:200]
+        return f"{_OWNER_TAG}:{self.process.pid}:{self.process.start}:{project}"
+
+    @classmethod
+    def parse(cls, comment: str) -> RulesOwner | None:
+        tag, _, rest = comment.partition(":")
+        pid, _, rest = rest.partition(":")
+        start, _, project = rest.partition(":")
+        if tag != _OWNER_TAG or not pid.isdigit() or not start.isdigit():
+            return None
+        # Chains live no longer than the boot: the boot of now is theirs.
+        return cls(ProcessId(int(pid), int(start), ProcessId.own().boot), unquote(project))
+
+    def running(self) -> bool:
+        """Whether its ``up`` runs, and is another process than this one."""
+        return self.process.alive() and self.process.pid != os.getpid()
+
+    def describe(self) -> str:
+        return f"{self.project or 'a project'} (tpconf up, pid {self.process.pid})"
+
+
 @dataclass
 class _Existing:
     chains: set[str] = field(default_factory=set)
     jumps: list[tuple[str, str]] = field(default_factory=list)  # (builtin chain, rule spec)
+    owner: RulesOwner | None = None
 
 
 def _parse_nat(save_output: str, prefix: str) -> _Existing:
@@ -247,7 +294,35 @@ def _parse_nat(save_output: str, prefix: str) -> _Existing:
             _, chain, spec = line.split(" ", 2)
             if not chain.startswith(prefix + "-") and f"-j {prefix}-" in spec:
                 existing.jumps.append((chain, spec))
+            elif chain == f"{prefix}-OUTPUT" and spec.startswith("-m comment --comment "):
+                comment = spec.removeprefix("-m comment --comment ").strip().strip('"')
+                existing.owner = RulesOwner.parse(comment) or existing.owner
     return existing
+
+
+#: Held (``flock``) while the chains are checked and first written: two ``up`` starting
+#: together must not both find them free.
+LOCK_FILE = "/run/lock/tpconf-vpn.lock"
+
+
+def _take_lock() -> int:
+    path = LOCK_FILE if os.path.isdir(os.path.dirname(LOCK_FILE)) else "/tmp/tpconf-vpn.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.asynccontextmanager
+async def _machine_lock() -> AsyncIterator[None]:
+    fd = await anyio.to_thread.run_sync(_take_lock)
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def check_privileges() -> None:
@@ -284,13 +359,22 @@ class Routing:
         *,
         chain_prefix: str = DEFAULT_CHAIN_PREFIX,
         command_prefix: Sequence[str] = (),
+        project: str = "",
+        owner: ProcessId | None = None,
     ) -> None:
         self.chain_prefix = chain_prefix
         self.head_chain = f"{chain_prefix}-OUTPUT"
         self.routes_chain = f"{chain_prefix}-ROUTES"
+        self.project = project
+        """The project directory the rules are recorded as made for (shown to other projects)."""
+        self.owner = owner
+        """Who the rules are recorded as made by (``None``: this process)."""
         self._prefix = list(command_prefix)
         self._applied: RuleSet | None = None
         self._lock = anyio.Lock()
+
+    def _owner(self) -> RulesOwner:
+        return RulesOwner(self.owner or ProcessId.own(), self.project)
 
     @property
     def applied(self) -> RuleSet | None:
@@ -303,40 +387,57 @@ class Routing:
             old = self._applied
             if old == rules:
                 return
-            lines = ["*nat"]
             if old is None:
                 check_privileges()
-                existing = _parse_nat(await self._save(), self.chain_prefix)
-                # Declaring a chain in a --noflush transaction creates it, or empties it when a
-                # crashed session left it behind; both chains are then written in full.
-                lines += [f":{self.head_chain} - [0:0]", f":{self.routes_chain} - [0:0]"]
-                if ("OUTPUT", f"-j {self.head_chain}") not in existing.jumps:
-                    lines.append(f"-I OUTPUT 1 -j {self.head_chain}")
-                lines += [f"-A {self.head_chain} {r}" for r in rules.head_rules(self.routes_chain)]
-                lines += [f"-A {self.routes_chain} {r}" for r in sorted(rules.route_rules())]
+                async with _machine_lock():
+                    await self._restore(await self._first(rules))
             else:
+                lines = ["*nat"]
                 old_head = old.head_rules(self.routes_chain)
                 new_head = rules.head_rules(self.routes_chain)
                 if old_head != new_head:
                     lines.append(f":{self.head_chain} - [0:0]")
-                    lines += [f"-A {self.head_chain} {r}" for r in new_head]
+                    lines += [f"-A {self.head_chain} {r}" for r in self._head(rules)]
                 old_routes, new_routes = old.route_rules(), rules.route_rules()
                 lines += [f"-D {self.routes_chain} {r}" for r in sorted(old_routes - new_routes)]
                 lines += [f"-A {self.routes_chain} {r}" for r in sorted(new_routes - old_routes)]
-            lines.append("COMMIT")
-            await self._restore(lines)
+                await self._restore([*lines, "COMMIT"])
             self._applied = rules
             log.info(
                 "vpn-tcp routes %s",
                 ", ".join(str(n) for n in sorted(rules.networks)) or "nothing",
             )
 
+    def _head(self, rules: RuleSet) -> list[str]:
+        owner = f'-m comment --comment "{self._owner().comment()}"'
+        return [owner, *rules.head_rules(self.routes_chain)]
+
+    async def _first(self, rules: RuleSet) -> list[str]:
+        """The transaction that takes the chains: refused while another ``up`` holds them."""
+        existing = _parse_nat(await self._save(), self.chain_prefix)
+        if existing.owner is not None and existing.owner.running():
+            raise ProxyError(
+                f"vpn-tcp is in use on this machine by {existing.owner.describe()}: one project "
+                "at a time can route the machine's traffic and DNS",
+                hint="stop that `tpconf up` first, or use `method: inject-tcp` in this project",
+            )
+        if existing.chains:
+            log.warning("taking over the vpn-tcp rules a crashed tpconf up left")
+        # Declaring a chain in a --noflush transaction creates it, or empties it when a crashed
+        # session left it behind; both chains are then written in full.
+        lines = ["*nat", f":{self.head_chain} - [0:0]", f":{self.routes_chain} - [0:0]"]
+        if ("OUTPUT", f"-j {self.head_chain}") not in existing.jumps:
+            lines.append(f"-I OUTPUT 1 -j {self.head_chain}")
+        lines += [f"-A {self.head_chain} {r}" for r in self._head(rules)]
+        lines += [f"-A {self.routes_chain} {r}" for r in sorted(rules.route_rules())]
+        return [*lines, "COMMIT"]
+
     async def cleanup(self) -> None:
         """Remove tpconf's chains and the jumps to them; idempotent; other chains untouched."""
         async with self._lock:
-            await remove_leftovers(
-                chain_prefix=self.chain_prefix, command_prefix=self._prefix, runner=self
-            )
+            # Ours by construction (`apply` refuses chains another `up` holds), whoever the
+            # comment names.
+            await _remove_chains(self, _parse_nat(await self._save(), self.chain_prefix))
             self._applied = None
 
     async def leftovers(self) -> set[str]:
@@ -369,18 +470,31 @@ class Routing:
         return result.stdout.decode()
 
 
-async def remove_leftovers(
-    *,
-    chain_prefix: str = DEFAULT_CHAIN_PREFIX,
-    command_prefix: Sequence[str] = (),
-    runner: Routing | None = None,
-) -> set[str]:
-    """Remove every chain named ``PREFIX-*`` in the nat table and every jump to them.
+async def rules_owner(
+    *, chain_prefix: str = DEFAULT_CHAIN_PREFIX, command_prefix: Sequence[str] = ()
+) -> RulesOwner | None:
+    """Who made the tpconf chains there are now (``None``: none, or made by an older tpconf)."""
+    routing = Routing(chain_prefix=chain_prefix, command_prefix=command_prefix)
+    return _parse_nat(await routing._save(), chain_prefix).owner
 
-    For `tpconf down` after a crash; returns the names of the chains it removed.
+
+async def remove_leftovers(
+    *, chain_prefix: str = DEFAULT_CHAIN_PREFIX, command_prefix: Sequence[str] = ()
+) -> set[str]:
+    """Remove every chain named ``PREFIX-*`` in the nat table and every jump to them, unless
+    another ``tpconf up`` that still runs made them (:meth:`RulesOwner.running`).
+
+    For ``tpconf down`` after a crash; returns the names of the chains it removed.
     """
-    routing = runner or Routing(chain_prefix=chain_prefix, command_prefix=command_prefix)
+    routing = Routing(chain_prefix=chain_prefix, command_prefix=command_prefix)
     existing = _parse_nat(await routing._save(), chain_prefix)
+    if existing.owner is not None and existing.owner.running():
+        log.info("vpn-tcp rules of %s kept: it still runs", existing.owner.describe())
+        return set()
+    return await _remove_chains(routing, existing)
+
+
+async def _remove_chains(routing: Routing, existing: _Existing) -> set[str]:
     if not existing.chains and not existing.jumps:
         return set()
     lines = ["*nat"]

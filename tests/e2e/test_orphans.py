@@ -1,0 +1,89 @@
+"""No orphans (issue 11): `tpconf up` killed by SIGKILL takes every child with it — kubectl
+port-forward, sshfs, the supervised command — and `tpconf down` stops what the command left in
+its process group, on the real cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import E2ECluster
+from tests.e2e.harness import Up, file_text, tpconf, wait_until
+from tests.orphans import survivors, write_web
+from tests.supervisor.procs import alive
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+
+def children(pid: int) -> dict[int, str]:
+    """The live children of ``pid`` and their command names."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            found[int(entry)] = name
+    return found
+
+
+def test_kill_9_of_up_leaves_no_child_and_down_stops_what_the_command_left(
+    cluster: E2ECluster, namespace: str, tmp_path: Path
+) -> None:
+    # The command leaves a job in its process group; the parent-death signal reaches only the
+    # command itself, so that job is what `down` must find.
+    write_web(
+        tmp_path,
+        namespace,
+        "new: true",
+        "volumes: {root: pod-root}",
+        'run: "sleep 600 & echo $! > job.pid; exec sleep 601"',
+    )
+    up = Up(cluster, tmp_path).start()
+    assert up.process is not None
+    try:
+        up.wait_for(r"^web ready")
+        wait_until(lambda: file_text(tmp_path / "job.pid").strip(), 60, "the command's job")
+        kids = children(up.process.pid)
+        assert {"kubectl", "sshfs", "sleep"} <= set(kids.values()), kids
+        job = int(file_text(tmp_path / "job.pid"))
+        assert alive(job)
+        mount = tmp_path / "pod-root"
+        assert str(mount) in Path("/proc/self/mounts").read_text()
+    finally:
+        up.kill()  # SIGKILL: nothing of tpconf's own cleanup runs
+    assert survivors(list(kids), timeout=10) == [], {p: kids[p] for p in survivors(list(kids))}
+    # sshfs got SIGTERM: it unmounted before it went.
+    wait_until(lambda: str(mount) not in Path("/proc/self/mounts").read_text(), 10, "the unmount")
+    assert alive(job), "the command's job is expected to outlive it until `tpconf down`"
+    assert (tmp_path / ".tpconf" / "children.json").exists()
+
+    out = tpconf(cluster, tmp_path, "down")
+    assert "process group" in out and "left by tpconf up" in out, out
+    assert survivors([job]) == []
+    assert not (tmp_path / ".tpconf" / "children.json").exists()
+    assert "nothing to clean up" in tpconf(cluster, tmp_path, "down")
+
+
+def test_a_clean_stop_leaves_no_child_and_no_record(
+    cluster: E2ECluster, namespace: str, tmp_path: Path
+) -> None:
+    write_web(tmp_path, namespace, "new: true", 'run: "sleep 600 & exec sleep 601"')
+    up = Up(cluster, tmp_path).start()
+    assert up.process is not None
+    try:
+        up.wait_for(r"^web ready")
+        pid = up.process.pid
+        wait_until(lambda: "sleep" in children(pid).values(), 60, "the command")
+        kids = children(pid)
+    finally:
+        assert up.stop() == 0, up.output[-3000:]  # SIGINT: tpconf stops everything itself
+    assert survivors(list(kids)) == []
+    assert not (tmp_path / ".tpconf" / "children.json").exists()
