@@ -3,18 +3,8 @@
 # kube-proxy's and CNI's iptables chains, etcd data. Keeps the built binaries and the PKI.
 set -uo pipefail
 . "$(dirname "$0")/lib.sh"
-stop() {
-  local name=$1 pid
-  [ -f "$RUN/$name.pid" ] || return 0
-  pid=$(cat "$RUN/$name.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    log "stopping $name"
-    kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$RUN/$name.pid"
-}
+# lib.sh `stop` signals only the process a pid file names (pid and start time): never one that
+# got a stopped component's pid later.
 stop kubelet
 # The kubelet is gone: stop every pod's containers and sandboxes through containerd's CRI view.
 if [ -S "$CONTAINERD_SOCK" ]; then

@@ -2,6 +2,12 @@
 # Start the local single-node Kubernetes (idempotent): containerd, etcd, the control plane, a
 # kubelet, kube-proxy and CoreDNS, as local processes the way hack/local-up-cluster.sh runs them.
 # Ends when the node is Ready and cluster DNS answers; prints the KUBECONFIG export line.
+#
+# Run again, it heals: a component that stopped is started again, and only that one (a process is
+# alive when the pid *and* start time of its pid file match, lib.sh `alive`); a config file is
+# rewritten only when its content changes, and then the component that reads it is restarted;
+# "already running" means every component runs, the API server is ready, the node is Ready and
+# cluster DNS answers.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 mkdir -p "$PKI" "$RUN" "$LOGS" "$STATE/etcd" /etc/cni/net.d /etc/kubernetes/manifests
@@ -12,9 +18,15 @@ NODE_IP=$(node_ip)
   [ -x "$BIN/$b" ] || { log "missing $BIN/$b: run tests/cluster/build.sh first"; exit 1; }
 done
 
-if [ "${1:-}" != containerd ] && [ -f "$KUBECONFIG_ADMIN" ] && alive kubelet && alive kube-apiserver \
+all_alive() {
+  local c
+  for c in "${COMPONENTS[@]}"; do alive "$c" || return 1; done
+}
+
+if [ "${1:-}" != containerd ] && [ -f "$KUBECONFIG_ADMIN" ] && all_alive \
    && kc get --raw /readyz >/dev/null 2>&1 \
-   && kc wait --for=condition=Ready "node/$NODE" --timeout=2s >/dev/null 2>&1; then
+   && kc wait --for=condition=Ready "node/$NODE" --timeout=2s >/dev/null 2>&1 \
+   && dns_answers >/dev/null 2>&1; then
   log "already running"
   echo "export KUBECONFIG=$KUBECONFIG_ADMIN"
   exit 0
@@ -30,7 +42,7 @@ host_prep() {
 }
 
 write_containerd_config() {
-  cat > "$STATE/containerd.toml" <<TOML
+  if write_if_changed "$STATE/containerd.toml" <<TOML
 version = 2
 root = "/var/lib/containerd"
 state = "/run/containerd"
@@ -52,7 +64,8 @@ state = "/run/containerd"
     bin_dir = "/usr/lib/cni"
     conf_dir = "/etc/cni/net.d"
 TOML
-  cat > /etc/cni/net.d/10-tpconf.conflist <<JSON
+  then alive containerd && restart_containerd=1; fi
+  write_if_changed /etc/cni/net.d/10-tpconf.conflist <<JSON || true
 {
   "cniVersion": "1.0.0",
   "name": "tpconf-net",
@@ -69,7 +82,7 @@ JSON
 # kubeconfig NAME USER: a kubeconfig with the embedded client cert of USER's key pair
 kubeconfig() {
   local name=$1
-  cat > "$PKI/$name.kubeconfig" <<YAML
+  write_if_changed "$PKI/$name.kubeconfig" 600 <<YAML || true
 apiVersion: v1
 kind: Config
 clusters:
@@ -87,7 +100,6 @@ contexts:
   context: {cluster: tpconf-local, user: $name, namespace: default}
 current-context: tpconf-local
 YAML
-  chmod 600 "$PKI/$name.kubeconfig"
 }
 
 # leaf NAME CN O USAGE [SANS]: a key pair signed by the cluster CA
@@ -119,11 +131,12 @@ certs() {
   leaf kubelet "system:node:$NODE" system:nodes clientAuth
   leaf kubelet-serving "system:node:$NODE" system:nodes serverAuth "DNS:$NODE,IP:$NODE_IP,IP:127.0.0.1"
   for u in admin controller scheduler kube-proxy kubelet; do kubeconfig "$u"; done
-  cp "$PKI/admin.kubeconfig" "$KUBECONFIG_ADMIN"
-  echo "$NODE_IP" > "$PKI/node-ip"
+  write_if_changed "$KUBECONFIG_ADMIN" 600 < "$PKI/admin.kubeconfig" || true
+  write_if_changed "$PKI/node-ip" <<< "$NODE_IP" || true
 }
 
 start_containerd() {
+  if [ -n "${restart_containerd:-}" ]; then stop containerd; fi
   start containerd containerd --config "$STATE/containerd.toml"
   wait_for "containerd" 30 ctr -a "$CONTAINERD_SOCK" version
 }
@@ -170,7 +183,7 @@ start_controllers() {
 }
 
 start_kubelet() {
-  cat > "$STATE/kubelet.yaml" <<YAML
+  if write_if_changed "$STATE/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 containerRuntimeEndpoint: unix://$CONTAINERD_SOCK
@@ -198,6 +211,7 @@ evictionHard: {memory.available: "100Mi", nodefs.available: "1Gi", imagefs.avail
 protectKernelDefaults: false
 allowedUnsafeSysctls: []
 YAML
+  then stop kubelet; fi
   start kubelet "$BIN/kubelet" --config="$STATE/kubelet.yaml" \
     --kubeconfig="$PKI/kubelet.kubeconfig" --hostname-override="$NODE" --node-ip="$NODE_IP" \
     --pod-infra-container-image="$PAUSE_IMAGE" --v=1
@@ -206,7 +220,9 @@ YAML
 }
 
 start_kube_proxy() {
-  cat > "$STATE/kube-proxy.yaml" <<YAML
+  # kube-proxy exits by itself when its config file changes: written only if it does, and then
+  # kube-proxy is started again here rather than left to exit.
+  if write_if_changed "$STATE/kube-proxy.yaml" <<YAML
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: $PKI/kube-proxy.kubeconfig}
@@ -215,7 +231,9 @@ mode: iptables
 clusterCIDR: $POD_CIDR
 conntrack: {maxPerCore: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 YAML
+  then stop kube-proxy; fi
   start kube-proxy "$BIN/kube-proxy" --config="$STATE/kube-proxy.yaml" --v=1
+  wait_for "kube-proxy /healthz" 30 curl -sf http://127.0.0.1:10256/healthz
 }
 
 start_dns() {
@@ -224,19 +242,6 @@ start_dns() {
   kc -n kube-system rollout status deployment/coredns --timeout=120s >/dev/null
   # Answering means: a Service VIP through kube-proxy, the pod network, and CoreDNS all work.
   wait_for "cluster DNS to answer" 60 dns_answers
-}
-
-dns_answers() {
-  python3 - "$DNS_SERVICE_IP" <<'PY'
-import socket, struct, sys
-q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
-for label in "kubernetes.default.svc.cluster.local".split("."):
-    q += bytes([len(label)]) + label.encode()
-q += b"\x00" + struct.pack(">HH", 1, 1)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
-s.sendto(q, (sys.argv[1], 53)); r = s.recv(512)
-sys.exit(0 if struct.unpack(">H", r[6:8])[0] > 0 else 1)
-PY
 }
 
 host_prep
