@@ -30,6 +30,7 @@ from tpconf.errors import ConfigError, TpconfError, explain, leaves
 from tpconf.methods import REGISTRY
 from tpconf.reconcile import control, state
 from tpconf.reconcile.describe import describe_deployment
+from tpconf.reconcile.localpaths import local_paths, outside_project
 from tpconf.reconcile.plan import Plan, desired_facets
 from tpconf.reconcile.plan import plan as build_plan
 from tpconf.reconcile.reporting import Reporter
@@ -248,12 +249,18 @@ def up(file: Path | None, no_watch: bool) -> int:
 def plan(file: Path | None) -> None:
     """Show what `tpconf up` would do, without doing it."""
     _, project = load(file)
+    for warning in outside_project(project):
+        print_warning(warning)
     actions = build_plan({}, desired_facets(project, REGISTRY))
     console = _console(stderr=False)
     for spec in project.deployments:
         console.print(Text(f"{spec.name}:", style="bold"))
         for line in describe_deployment(spec):
             console.print(f"  {line}")
+    console.print(Text("paths on this machine:", style="bold"))
+    for local in local_paths(project):
+        whose = f"{local.deployment}: " if local.deployment else ""
+        console.print(f"  {local.path} ({whose}{local.what})")
     console.print(Text(f"{len(actions.actions)} unit(s) to start:", style="dim"))
     for action in actions.actions:
         console.print(Text(f"  {action}", style="dim"))

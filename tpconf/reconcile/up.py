@@ -22,6 +22,7 @@ from tpconf.config import DeploymentSpec, Project, load_project
 from tpconf.errors import ConfigError, TpconfError
 from tpconf.methods import REGISTRY
 from tpconf.reconcile import control, state, units
+from tpconf.reconcile.localpaths import outside_project
 from tpconf.reconcile.loop import DeploymentState, Reconciler
 from tpconf.reconcile.plan import Unit
 from tpconf.reconcile.reporting import Reporter
@@ -91,7 +92,7 @@ async def run_up(
     project = load_project(config, methods=REGISTRY)
     state.check_dir(session.state_dir)
     await _refuse_a_second_up(session)
-    reporter.warnings(project.warnings)
+    reporter.warnings(project.warnings + outside_project(project))
     started = time.time()
     code = 0
 
@@ -163,7 +164,7 @@ async def _follow(
         except TpconfError as exc:
             reporter.error(exc)
             continue
-        reporter.warnings(project.warnings)
+        reporter.warnings(project.warnings + outside_project(project))
         the_plan = await reconciler.apply(project, announce=reporter.plan)
         if the_plan:
             reporter.status(snapshot(reconciler, session, config, started))
