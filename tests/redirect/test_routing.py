@@ -105,6 +105,21 @@ async def test_a_second_project_is_refused_naming_the_first_and_its_rules_stay(
     assert second.applied is None
 
 
+async def test_a_refused_vpn_leaves_the_running_projects_rules_in_place(
+    netns: list[str], other_up: subprocess.Popen[bytes]
+) -> None:
+    await Routing(command_prefix=netns, project="/home/dev/shop", owner=identity(other_up)).apply(
+        RULES
+    )
+    before = nat(netns)
+    vpn = VPN(command_prefix=netns)
+    refused = pytest.RaisesExc(ProxyError, match="vpn-tcp is in use on this machine by /home/")
+    with pytest.RaisesGroup(refused, flatten_subgroups=True):
+        async with anyio.create_task_group() as tg:
+            await tg.start(vpn.run)
+    assert nat(netns) == before  # its own cleanup on the way out did not take them either
+
+
 async def test_the_rules_of_a_project_whose_up_is_gone_are_taken_over(
     netns: list[str], other_up: subprocess.Popen[bytes]
 ) -> None:

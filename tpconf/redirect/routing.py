@@ -433,11 +433,14 @@ class Routing:
         return [*lines, "COMMIT"]
 
     async def cleanup(self) -> None:
-        """Remove tpconf's chains and the jumps to them; idempotent; other chains untouched."""
+        """Remove tpconf's chains and the jumps to them, unless another running ``up`` made them;
+        idempotent; other chains untouched."""
         async with self._lock:
-            # Ours by construction (`apply` refuses chains another `up` holds), whoever the
-            # comment names.
-            await _remove_chains(self, _parse_nat(await self._save(), self.chain_prefix))
+            existing = _parse_nat(await self._save(), self.chain_prefix)
+            # A refused `apply` ends here too: the chains of the `up` that refused it stay.
+            owner = existing.owner
+            if owner is None or owner.process == self._owner().process or not owner.process.alive():
+                await _remove_chains(self, existing)
             self._applied = None
 
     async def leftovers(self) -> set[str]:
