@@ -145,6 +145,25 @@ def test_down_without_a_kubeconfig_cleans_the_machine_and_says_how_to_finish(
 @pytest.mark.root
 @needs_root
 @pytest.mark.timeout(120)
+def test_down_with_a_malformed_state_file_says_so_and_cleans_up_all_the_same(
+    crash: Crash, tmp_path: Path
+) -> None:
+    state = crash.project / ".tpconf" / "state.json"
+    state.write_text('{"pid": -1}')
+    result = crash.down(tmp_path / "no-such-kubeconfig")
+    assert f"{state} is not a state file of tpconf: `session` is missing (ignored)" in (
+        result.stderr
+    )
+    assert "bug" not in result.stderr
+    assert f"stopped process group {crash.job.pid} (sh) left by tpconf up" in result.stdout
+    assert "TPCONF" not in crash.nat()
+    # The file names the namespace even without the state: the cluster part is still tried.
+    assert "could not clean up namespace dev in the cluster: " in result.stderr
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.timeout(120)
 def test_down_with_an_unreachable_api_server_cleans_the_machine_and_says_how_to_finish(
     crash: Crash, tmp_path: Path
 ) -> None:

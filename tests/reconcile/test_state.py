@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests import users
+from tpconf import cli
 from tpconf.errors import TpconfError
 from tpconf.pids import ProcessId
 from tpconf.reconcile.state import (
@@ -180,3 +181,22 @@ def test_state_a_sudo_up_left_gets_a_hint_to_use_sudo_or_chown(shared_dir: Path)
     assert shown.startswith(f"{state_dir / STATE_FILE} is readable only by root: a `sudo tpconf")
     # Root may use any user's directory.
     check_dir(state_dir)
+
+
+def test_status_names_a_malformed_state_file_and_the_way_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    config = tmp_path / "telepresence.yaml"
+    config.write_text("version: 1\ndeployments:\n  web:\n    new: true\n")
+    (tmp_path / ".tpconf").mkdir()
+    (tmp_path / ".tpconf" / STATE_FILE).write_text('{"pid": "4x2", "session": "s"}')
+    assert cli.main(["status", "-f", str(config)]) == 1
+    _, err = capsys.readouterr()
+    state = tmp_path / ".tpconf" / STATE_FILE
+    assert err == (
+        f'{state} is not a state file of tpconf: `pid` has the wrong type: "4x2"\n'
+        "  hint: it only records what a `tpconf up` ran: `tpconf down` cleans up without it "
+        f"(and removes it), or remove it yourself (`rm {state}`)\n"
+    )
+    assert "bug" not in err
