@@ -100,7 +100,7 @@ def test_long_messages_are_not_wrapped(in_tmp: Path, capsys: pytest.CaptureFixtu
     (in_tmp / "t.yaml").write_text("version: 1\ndeployments:\n  a:\n    run: x\n")
     _, _, err = run(capsys, "validate", "-f", "t.yaml")
     assert err.splitlines()[0] == (
-        "t.yaml:3:3: deployments.a: no operation: set one of `new`, `swap` or `existing`"
+        "t.yaml:3:3: deployments.a: no operation: set one of `new`, `swap`, `existing` or `intercept`"
     )
 
 
@@ -151,7 +151,7 @@ def test_plan_describes_every_deployment_without_touching_the_cluster(
     assert "+ run: python3 -m http.server" in out
     assert "~ swap Deployment dev/api (container main): scale to 0" in out
     assert "+ vpn-tcp routes for the whole machine" in out
-    assert "14 unit(s) to start:\n  + web: proxy\n  + web: tunnel\n" in out
+    assert "16 unit(s) to start:\n  + web: proxy\n  + web: tunnel\n" in out
     assert out.rstrip().endswith("+ api: process")
 
 

@@ -15,6 +15,7 @@ import http.client
 import http.server
 import json
 import socket
+import struct
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -396,3 +397,28 @@ async def test_an_app_that_closed_a_kept_alive_connection_is_dialled_again() -> 
         await router.drain(0)
         server.shutdown()
         server.server_close()
+
+
+async def test_a_target_that_resets_ends_the_clients_connection_at_once(rig: Rig) -> None:
+    """What sshd does when nothing listens on the developer's machine: accept, then reset."""
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+
+    server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    target = server.sockets[0].getsockname()[1]
+    try:
+        async with control(rig) as ctl:
+            await ctl.ask(
+                op="route", port=rig.app_port, headers=[], target=["127.0.0.1", target], who="x"
+            )
+            async with asyncio.timeout(5):  # not the client's own timeout
+                reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+                writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                with contextlib.suppress(ConnectionError):
+                    assert await reader.read() == b""
+                writer.close()
+    finally:
+        server.close()

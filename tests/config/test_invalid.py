@@ -105,12 +105,12 @@ INVALID = [
     (
         "no-operation",
         "version: 1\ndeployments:\n  hello:\n    run: make\n",
-        "telepresence.yaml:3:3: deployments.hello: no operation: set one of `new`, `swap` or `existing`",
+        "telepresence.yaml:3:3: deployments.hello: no operation: set one of `new`, `swap`, `existing` or `intercept`",
     ),
     (
         "two-operations",
         "version: 1\ndeployments:\n  hello:\n    new: true\n    swap: hello\n",
-        "telepresence.yaml:5:5: deployments.hello.swap: `new` and `swap` cannot be combined: a deployment has exactly one of `new`, `swap` and `existing`",
+        "telepresence.yaml:5:5: deployments.hello.swap: `new` and `swap` cannot be combined: a deployment has exactly one of `new`, `swap`, `existing` and `intercept`",
     ),
     (
         "new-false",

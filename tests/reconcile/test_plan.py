@@ -14,6 +14,8 @@ def facets(**changes: object) -> Facets:
         cluster=("ctx", "default", "new", "tpconf/agent:0.1.0", False),
         method="inject-tcp",
         outbound=(),
+        links=((), ()),
+        routes=(),
         exposes=frozenset({(8080, 8080)}),
         volumes=("root",),
         process=(("curl", "x"), False, (), "inject-tcp"),

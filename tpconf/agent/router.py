@@ -246,8 +246,8 @@ async def _copy_exactly(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         await writer.drain()
 
 
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy bytes until EOF, then pass the EOF on (half-close)."""
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Copy bytes until EOF, then pass the EOF on (half-close); ``False`` if a side broke."""
     try:
         while data := await reader.read(CHUNK):
             writer.write(data)
@@ -255,15 +255,26 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         if writer.can_write_eof():
             writer.write_eof()
     except (ConnectionError, OSError):
-        pass
+        return False
+    return True
 
 
 async def splice(
     a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
 ) -> None:
-    """Bytes both ways until both directions end."""
-    await asyncio.gather(pipe(a[0], b[1]), pipe(b[0], a[1]))
+    """Bytes both ways until both directions end; a reset on one side ends both (the other
+    side would otherwise wait forever for bytes that cannot come)."""
+    forth = asyncio.create_task(pipe(a[0], b[1]))
+    back = asyncio.create_task(pipe(b[0], a[1]))
+    try:
+        for done in asyncio.as_completed((forth, back)):
+            if not await done:
+                break
+    finally:
+        for task in (forth, back):
+            task.cancel()
+        await asyncio.gather(forth, back, return_exceptions=True)
 
 
 def _close(writer: asyncio.StreamWriter | None) -> None:

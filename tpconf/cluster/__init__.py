@@ -4,7 +4,7 @@ Public API for the reconciler::
 
     cluster = connect(kubeconfig=None, context=None, namespace=None)
     await preflight(cluster, namespace, operations=(New, Swap, Existing))
-    proxy = await start(cluster, ProxyRequest(...), progress=print)   # new | swap | existing
+    proxy = await start(cluster, ProxyRequest(...), progress=print)   # new|swap|existing|intercept
     pod = await wait_for_pod(cluster, proxy, timeout=120, progress=print)
     ...                                                               # tunnel to pod.pod:8022
     await stop(cluster, request)                                      # undo one request
@@ -17,19 +17,24 @@ Modules:
   pure builders of the objects;
 - ``objects``: reading, writing and deleting objects, and the one check of whose they are;
 - ``proxies``: the ``new`` and ``existing`` operations; ``swaps``: ``swap`` and ``restore``;
-  ``operations``: ``start``/``stop``, dispatching on the operation;
+  ``intercepts``: ``intercept`` (the sidecar, its Leases, the Services) and its restore, with
+  the pure builders in ``sidecar``; ``operations``: ``start``/``stop``, dispatching on the
+  operation;
 - ``cleanup``: ``leftovers`` and ``down``; ``access``: the RBAC each operation needs, ``preflight``;
-- ``pods``: waiting for the agent pod; ``networks``: the pod and Service ranges (vpn-tcp).
+- ``pods``: waiting for the agent pod, the Ready replicas; ``networks``: the pod and Service
+  ranges (vpn-tcp).
 """
 
 from tpconf.cluster.access import preflight
 from tpconf.cluster.cleanup import Leftovers, down, leftovers
 from tpconf.cluster.client import Cluster, connect, from_token
+from tpconf.cluster.intercepts import RENEW_SECONDS, renew
 from tpconf.cluster.labels import default_owner, project_id
 from tpconf.cluster.model import (
     AgentKeys,
     DownReport,
     Existing,
+    Intercept,
     New,
     Operation,
     PodRef,
@@ -39,16 +44,18 @@ from tpconf.cluster.model import (
 )
 from tpconf.cluster.networks import ClusterNetworks, discover_networks
 from tpconf.cluster.operations import start, stop
-from tpconf.cluster.pods import wait_for_pod
+from tpconf.cluster.pods import ready_pods, wait_for_pod
 from tpconf.cluster.proxies import existing, new, update_service_ports
 from tpconf.cluster.swaps import restore, swap
 
 __all__ = [
+    "RENEW_SECONDS",
     "AgentKeys",
     "Cluster",
     "ClusterNetworks",
     "DownReport",
     "Existing",
+    "Intercept",
     "Leftovers",
     "New",
     "Operation",
@@ -66,6 +73,8 @@ __all__ = [
     "new",
     "preflight",
     "project_id",
+    "ready_pods",
+    "renew",
     "restore",
     "start",
     "stop",

@@ -10,7 +10,7 @@ import anyio
 from tpconf import errors
 from tpconf.cluster.client import Cluster
 from tpconf.cluster.errors import RBAC_HINT
-from tpconf.cluster.model import Existing, New, Swap
+from tpconf.cluster.model import Existing, Intercept, New, Swap
 
 #: (verb, API group, resource) that each operation needs; ``None`` key: every operation.
 ACCESS: dict[type | None, tuple[tuple[str, str, str], ...]] = {
@@ -47,6 +47,17 @@ ACCESS: dict[type | None, tuple[tuple[str, str, str], ...]] = {
         ("patch", "apps", "deployments/scale"),
     ),
     Existing: (("delete", "", "pods"),),
+    Intercept: (
+        ("update", "apps", "deployments"),
+        ("patch", "apps", "deployments"),
+        ("list", "", "services"),
+        ("patch", "", "services"),
+        ("get", "coordination.k8s.io", "leases"),
+        ("list", "coordination.k8s.io", "leases"),
+        ("create", "coordination.k8s.io", "leases"),
+        ("patch", "coordination.k8s.io", "leases"),
+        ("delete", "coordination.k8s.io", "leases"),
+    ),
 }
 
 

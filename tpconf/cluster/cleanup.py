@@ -1,6 +1,7 @@
 """What tpconf left in the cluster (``leftovers``, for ``tpconf status``) and ``down``, which
-restores the swaps, deletes what tpconf created and releases the keys Secrets of ``existing``
-Deployments (those Deployments mount them, so they stay).
+restores the swaps, deletes what tpconf created, releases the keys Secrets of ``existing``
+Deployments (those Deployments mount them, so they stay) and drops this developer's hold on
+intercepted Deployments (restored when nobody else holds them).
 
 Both work from what is in the cluster only (labels and annotations), so they also see what a
 ``kill -9`` of ``tpconf up`` left.
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tpconf.cluster import intercepts as I
 from tpconf.cluster import labels as L
 from tpconf.cluster.client import Cluster, path
 from tpconf.cluster.model import DownReport
@@ -29,11 +31,14 @@ class Leftovers:
     """(kind, namespace, name) of the Deployments, Services and Secrets tpconf created."""
     claimed: tuple[tuple[str, str], ...] = ()
     """(namespace, Secret) of the keys Secrets of ``existing`` Deployments still claimed."""
+    intercepted: tuple[tuple[str, str], ...] = ()
+    """(namespace, Deployment) pairs intercepted by this owner and project (``all``: anyone)."""
 
     def lines(self) -> list[str]:
         """Human-readable lines, for `tpconf status`."""
         return (
             [f"swapped {describe('deployments', name, ns)}" for ns, name in self.swapped]
+            + [f"intercepted {describe('deployments', name, ns)}" for ns, name in self.intercepted]
             + [describe(kind, name, ns) for kind, ns, name in self.objects]
             + [f"claimed {describe('secrets', name, ns)}" for ns, name in self.claimed]
         )
@@ -46,6 +51,7 @@ async def leftovers(
     swapped: list[tuple[str, str]] = []
     objects: list[tuple[str, str, str]] = []
     claimed: list[tuple[str, str]] = []
+    intercepted: list[tuple[str, str]] = []
     # With ``all``, no owner and project: ``ours`` then accepts anyone's.
     wanted_owner, wanted_project = (None, None) if all else (owner, project)
     for ns in dict.fromkeys(namespaces):
@@ -54,10 +60,15 @@ async def leftovers(
         )
         for dep in deployments.get("items") or []:
             annotations = dep["metadata"].get("annotations") or {}
+            name = dep["metadata"]["name"]
+            if I.ORIGINAL_TEMPLATE in annotations and (
+                all or await get(cluster, "leases", ns, I.lease_name(name, owner, project))
+            ):
+                intercepted.append((ns, name))
             if L.SWAPPED_BY not in annotations:
                 continue
             if all or L.is_our_swap(annotations, owner=owner, project=project):
-                swapped.append((ns, dep["metadata"]["name"]))
+                swapped.append((ns, name))
         for kind in KINDS:
             listing = await cluster.request(
                 "GET",
@@ -71,11 +82,14 @@ async def leftovers(
                     item, owner=wanted_owner, project=wanted_project
                 ):
                     continue
-                if L.EXISTING not in (meta.get("labels") or {}):
+                labels = meta.get("labels") or {}
+                if I.INTERCEPTED in labels:
+                    continue  # shared by an intercept's developers: the last one deletes it
+                if L.EXISTING not in labels:
                     objects.append((kind, ns, meta["name"]))
                 elif not released(item):
                     claimed.append((ns, meta["name"]))
-    return Leftovers(tuple(swapped), tuple(objects), tuple(claimed))
+    return Leftovers(tuple(swapped), tuple(objects), tuple(claimed), tuple(intercepted))
 
 
 async def down(
@@ -95,6 +109,12 @@ async def down(
     """
     report = DownReport()
     found = await leftovers(cluster, namespaces, owner=owner, project=project, all=all)
+    for ns, name in found.intercepted:
+        if all:
+            await I.forget_leases(cluster, ns, name)
+        else:
+            await delete(cluster, "leases", ns, I.lease_name(name, owner, project))
+        report.restored.extend(await I.restore_unheld(cluster, ns, name, progress=progress))
     for ns, name in found.swapped:
         done = await restore(cluster, ns, name, progress=progress)
         report.restored.extend(d for d in done if not d.startswith("proxy "))

@@ -35,12 +35,20 @@ JSON = dict[str, Any]
 Query = Mapping[str, str | int | bool]
 
 
+_GROUPS = {
+    "deployments": "/apis/apps/v1",
+    "replicasets": "/apis/apps/v1",
+    "leases": "/apis/coordination.k8s.io/v1",
+}
+
+
 def path(kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
     """The REST path of a namespaced object or collection; ``kind`` is the plural resource.
 
-    ``deployments`` live in ``apps/v1``, everything else tpconf touches in the core ``v1``.
+    ``deployments`` live in ``apps/v1``, ``leases`` in ``coordination.k8s.io/v1``, everything
+    else tpconf touches in the core ``v1``.
     """
-    base = "/apis/apps/v1" if kind in ("deployments", "replicasets") else "/api/v1"
+    base = _GROUPS.get(kind, "/api/v1")
     out = f"{base}/namespaces/{quote(namespace, safe='')}/{kind}"
     if name is not None:
         out += "/" + quote(name, safe="")

@@ -18,6 +18,7 @@ capability, no root, and only inside the pod's network namespace.
 
 from __future__ import annotations
 
+import base64
 import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -94,7 +95,9 @@ def agent_selector(req: ProxyRequest, proxy: str) -> str:
     )
 
 
-def _metadata(req: ProxyRequest, name: str, extra_labels: Mapping[str, str] | None = None) -> JSON:
+def object_metadata(
+    req: ProxyRequest, name: str, extra_labels: Mapping[str, str] | None = None
+) -> JSON:
     return {
         "name": name,
         "namespace": req.namespace,
@@ -121,7 +124,7 @@ def owner_reference(deployment: Mapping[str, Any]) -> JSON:
 
 def keys_secret(req: ProxyRequest, *, name: str, owner: Mapping[str, Any] | None = None) -> JSON:
     """The keys Secret; ``owner`` (a created Deployment) makes it garbage-collected with it."""
-    meta = _metadata(req, name)
+    meta = object_metadata(req, name)
     if owner is not None:
         meta["ownerReferences"] = [owner_reference(owner)]
     return _secret(meta, req.keys)
@@ -130,7 +133,9 @@ def keys_secret(req: ProxyRequest, *, name: str, owner: Mapping[str, Any] | None
 def existing_keys_secret(req: ProxyRequest, deployment: str) -> JSON:
     """The keys Secret of ``existing`` Deployment ``deployment``: owned by nothing, labelled
     ``tpconf.io/existing`` (so that ``tpconf down`` releases it instead of deleting it)."""
-    meta = _metadata(req, keys_secret_name(deployment), {L.EXISTING: L.label_value(deployment)})
+    meta = object_metadata(
+        req, keys_secret_name(deployment), {L.EXISTING: L.label_value(deployment)}
+    )
     return _secret(meta, req.keys)
 
 
@@ -211,7 +216,7 @@ def new_deployment(req: ProxyRequest) -> JSON:
     """The ``new`` operation's Deployment: one agent pod, selected by ``tpconf.io/proxy``."""
     name = req.name
     proxy = {L.PROXY: L.label_value(name)}
-    meta = _metadata(req, name, proxy)
+    meta = object_metadata(req, name, proxy)
     pod_sc: JSON = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     pod_sc = _with_sysctl(pod_sc, low_ports_sysctl(req.expose_remote_ports))
     return {
@@ -264,7 +269,7 @@ def new_service(req: ProxyRequest) -> JSON | None:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(req, req.name),
+        "metadata": object_metadata(req, req.name),
         "spec": {
             "type": "ClusterIP",
             "selector": {L.PROXY: L.label_value(req.name)},
@@ -322,17 +327,9 @@ def swap_deployment(req: ProxyRequest, original: Mapping[str, Any], container: s
     containers[index] = agent
     volumes = [v for v in spec.get("volumes") or [] if v.get("name") != KEYS_VOLUME]
     spec["volumes"] = [*volumes, keys_volume(keys_secret_name(orig_name))]
-    sysctl = low_ports_sysctl(req.expose_remote_ports)
-    new_pod_sc = _with_sysctl(dict(pod_sc), sysctl)
-    workload_gid = (containers_orig_sc(original, index) or {}).get(
-        "runAsGroup", pod_sc.get("runAsGroup")
-    )
-    if workload_gid not in (None, AGENT_GID):
-        groups = list(new_pod_sc.get("supplementalGroups") or [])
-        if workload_gid not in groups:
-            new_pod_sc["supplementalGroups"] = [*groups, workload_gid]
-    if new_pod_sc or "securityContext" in spec:
-        spec["securityContext"] = new_pod_sc
+    # The swapped container's own ports are exposed automatically: they may be low too.
+    ports = [*req.expose_remote_ports, *container_ports(original, str(agent["name"]))]
+    share_workload_group(spec, containers_orig_sc(original, index), low_ports=ports)
 
     created = L.created_labels(config_name=req.name, session_id=req.session_id)
     # The original's labels win over ours (a Service may select on any of them, even
@@ -350,7 +347,7 @@ def swap_deployment(req: ProxyRequest, original: Mapping[str, Any], container: s
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(req, name, proxy),
+        "metadata": object_metadata(req, name, proxy),
         "spec": {
             "replicas": 1,
             "revisionHistoryLimit": 1,
@@ -359,6 +356,26 @@ def swap_deployment(req: ProxyRequest, original: Mapping[str, Any], container: s
             "template": template,
         },
     }
+
+
+def share_workload_group(
+    spec: JSON, workload: Mapping[str, Any] | None, *, low_ports: Sequence[int] = ()
+) -> None:
+    """Fit a pod ``spec`` that runs the agent beside (or instead of) a workload container.
+
+    The agent runs with group 0 (:func:`restricted_container_security`); the workload's own
+    group joins the pod's ``supplementalGroups`` so the agent reads its volumes as it does.
+    ``low_ports`` below 1024 get the unprivileged-port sysctl.
+    """
+    pod_sc = spec.get("securityContext") or {}
+    new_pod_sc = _with_sysctl(dict(pod_sc), low_ports_sysctl(low_ports))
+    workload_gid = (workload or {}).get("runAsGroup", pod_sc.get("runAsGroup"))
+    if workload_gid not in (None, AGENT_GID):
+        groups = list(new_pod_sc.get("supplementalGroups") or [])
+        if workload_gid not in groups:
+            new_pod_sc["supplementalGroups"] = [*groups, workload_gid]
+    if new_pod_sc or "securityContext" in spec:
+        spec["securityContext"] = new_pod_sc
 
 
 def containers_orig_sc(deployment: Mapping[str, Any], index: int) -> JSON | None:
@@ -432,3 +449,11 @@ def check_existing(deployment: Mapping[str, Any], agent_image: str) -> str:
             "the keys into that Secret (docs/agent.md has the whole Deployment)",
         )
     return str(agent["name"])
+
+
+def decoded(secret: Mapping[str, Any]) -> dict[str, str]:
+    """A Secret's ``data``, base64-decoded."""
+    return {
+        k: base64.b64decode(v).decode("utf-8", "replace")
+        for k, v in (secret.get("data") or {}).items()
+    }

@@ -7,6 +7,7 @@ The reconciler maps its config models onto these (``tpconf.cluster`` does not im
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -34,7 +35,18 @@ class Existing:
     deployment: str
 
 
-Operation = New | Swap | Existing
+@dataclass(frozen=True)
+class Intercept:
+    """Add the agent to Deployment ``deployment``'s pods as a sidecar in front of container
+    ``container``'s ``ports`` (``()``: every TCP port it declares); the app keeps serving. Its
+    Services point at the sidecar while anyone intercepts; the last to leave restores both."""
+
+    deployment: str
+    container: str | None = None
+    ports: tuple[int, ...] = ()
+
+
+Operation = New | Swap | Existing | Intercept
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,9 @@ class ProxyRequest:
     expose_remote_ports: tuple[int, ...] = ()
     start_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     """Unique per request: labels this start's agent pod (``tpconf.io/start``)."""
+    shared_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """``intercept``: every key of the agent (the tunnel's secret data), stored for all the
+    developers of the Deployment if they have none yet. Never logged."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,10 @@ class Proxy:
     ports: tuple[int, ...] = ()
     service: str | None = None
     swapped: str | None = None
+    intercepted: tuple[tuple[int, int], ...] = ()
+    """``intercept``: (container port, the agent's port in front of it) pairs."""
+    shared_keys: Mapping[str, str] | None = field(default=None, repr=False)
+    """``intercept``: the keys every developer of the Deployment uses (from its Secret)."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ Progress = Callable[[str], None]
 T = TypeVar("T")
 
 KINDS = {"deployments": "Deployment", "services": "Service", "secrets": "Secret"}
+"""What tpconf creates, for the leftover listing; :func:`describe` also names Leases."""
+_NAMES = {**KINDS, "leases": "Lease"}
 #: Attempts of a conditional write before :func:`retry_conflicts` gives up.
 CONFLICT_TRIES = 5
 
@@ -35,7 +37,7 @@ def quiet(_text: str) -> None:
 
 def describe(kind: str, name: str, namespace: str) -> str:
     """``Deployment "web" in namespace "dev"``, for messages."""
-    return f'{KINDS.get(kind, kind)} "{name}" in namespace "{namespace}"'
+    return f'{_NAMES.get(kind, kind)} "{name}" in namespace "{namespace}"'
 
 
 def ours(obj: Mapping[str, Any] | None, *, owner: str | None, project: str | None) -> bool:

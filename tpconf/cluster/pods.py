@@ -323,3 +323,20 @@ async def wait_for_pod(
         f'in namespace "{ns}" to become Ready (last seen: {seen}){extra}',
         hint=f"kubectl -n {ns} describe pods -l {proxy.selector}",
     )
+
+
+async def ready_pods(cluster: Cluster, proxy: Proxy) -> list[PodRef]:
+    """The pods of ``proxy`` whose agent is Ready now (an intercept's replicas), by name."""
+    listing = await cluster.request(
+        "GET",
+        path("pods", proxy.namespace),
+        what=f'list the pods of Deployment "{proxy.deployment}" in namespace "{proxy.namespace}"',
+        query={"labelSelector": proxy.selector},
+    )
+    ready = [
+        PodRef(namespace=proxy.namespace, pod=pod["metadata"]["name"], container=proxy.container)
+        for pod in listing.get("items") or []
+        if not pod["metadata"].get("deletionTimestamp")
+        and pod_state(pod, proxy.container).kind == "ready"
+    ]
+    return sorted(ready, key=lambda ref: ref.pod)

@@ -17,10 +17,7 @@ the client's private key only ever lives in the memory of the ``tpconf up`` that
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 from tpconf import errors
 from tpconf.cluster import labels as L
@@ -99,13 +96,6 @@ async def stop_new(cluster: Cluster, req: ProxyRequest, *, progress: Progress = 
     return done
 
 
-def _decoded(secret: Mapping[str, Any]) -> dict[str, str]:
-    return {
-        k: base64.b64decode(v).decode("utf-8", "replace")
-        for k, v in (secret.get("data") or {}).items()
-    }
-
-
 async def existing(cluster: Cluster, req: ProxyRequest, *, progress: Progress = quiet) -> Proxy:
     """Use a Deployment that already runs the agent; deliver fresh keys through its Secret.
 
@@ -132,7 +122,7 @@ async def existing(cluster: Cluster, req: ProxyRequest, *, progress: Progress = 
     current = await get(cluster, "secrets", ns, secret_name)
     if current is not None:
         check_ours(current, req, "secrets")
-    new_keys = current is None or _decoded(current) != M.secret_data(req.keys)
+    new_keys = current is None or M.decoded(current) != M.secret_data(req.keys)
     if new_keys or not ours(current, owner=req.owner, project=req.project):
         progress(f"writing this session's keys into {describe('secrets', secret_name, ns)}")
         body = M.existing_keys_secret(req, name)
@@ -192,7 +182,7 @@ async def stop_existing(
     secret = await get(cluster, "secrets", req.namespace, M.keys_secret_name(op.deployment))
     if secret is None or not ours(secret, owner=req.owner, project=req.project):
         return []
-    if _decoded(secret) != M.secret_data(req.keys):
+    if M.decoded(secret) != M.secret_data(req.keys):
         return []  # a later start of this project claimed it with its own keys: still in use
     done = await release(cluster, secret, progress=progress)
     return [] if done is None else [done]

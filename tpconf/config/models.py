@@ -85,7 +85,7 @@ def _flag_or_mapping(key: str, string_key: str | None = None) -> Callable[[Any],
         if value is False:
             raise custom_error(
                 f"`{key}: false` is not allowed",
-                hint=f"remove `{key}` and use one of `new`, `swap` or `existing`",
+                hint=f"remove `{key}` and use one of `new`, `swap`, `existing` or `intercept`",
             )
         if isinstance(value, str) and string_key is not None:
             return {string_key: value}
@@ -94,11 +94,23 @@ def _flag_or_mapping(key: str, string_key: str | None = None) -> Callable[[Any],
     return normalise
 
 
-def _swap(value: Any) -> Any:
-    if isinstance(value, str) and ":" in value:
-        deployment, _, container = value.partition(":")
-        return {"deployment": deployment, "container": container}
-    return _flag_or_mapping("swap", "deployment")(value)
+def _deployment_and_container(key: str) -> Callable[[Any], Any]:
+    """`key: NAME:CONTAINER` sets both; otherwise as :func:`_flag_or_mapping`."""
+
+    def normalise(value: Any) -> Any:
+        if isinstance(value, str) and ":" in value:
+            deployment, _, container = value.partition(":")
+            return {"deployment": deployment, "container": container}
+        return _flag_or_mapping(key, "deployment")(value)
+
+    return normalise
+
+
+def _header_value(value: Any) -> Any:
+    # A number or boolean in YAML is what the user typed: compare it as text.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if isinstance(value, int | float) else value
 
 
 def _volumes(value: Any) -> Any:
@@ -213,11 +225,52 @@ OptionalContext = Annotated[NonEmpty | None, BeforeValidator(_empty_is_none)]
 class New(_Model):
     """Create a new Deployment (and a Service of the same name) that runs the proxy.
 
-    Written `new: true`, or as a mapping to set the image.
+    Written `new: true`, or as a mapping to set the name or the image.
     """
+
+    name: DeploymentName | None = None
+    """Name of the Deployment and Service created; `${VAR}` makes it personal on a shared namespace. For example: `api-${USER}`. Defaults to the name of this entry."""
 
     image: Image | None = None
     """Image of the proxy Deployment. Defaults to the deployment's `agent-image`."""
+
+
+class HeaderRegex(_Model):
+    """A header value given as a regular expression."""
+
+    regex: Annotated[str, AfterValidator(_checked(values.regex))]
+    """Python regular expression the whole header value must match. For example: `alice|bob`."""
+
+
+HeaderName = Annotated[str, AfterValidator(_checked(values.header_name))]
+HeaderValue = Annotated[
+    str | HeaderRegex,
+    BeforeValidator(_header_value, json_schema_input_type=str | int | bool | HeaderRegex),
+]
+
+
+class Intercept(_Model):
+    """Receive an existing Deployment's traffic without taking it away from the team.
+
+    tpconf adds its agent to the Deployment's pods as a sidecar; the app keeps running and
+    serving, and connections to the intercepted ports reach the local process: all of them, or
+    only the HTTP requests whose `headers` match (the rest still go to the app). Written
+    `intercept: true` (the Deployment named like this entry), `intercept: NAME`,
+    `intercept: NAME:CONTAINER`, or as a mapping. The Deployment and its Services are restored
+    exactly when the last developer stops intercepting it.
+    """
+
+    deployment: DeploymentRef | None = None
+    """Name of the Deployment to intercept. Defaults to the name of this entry."""
+
+    container: ContainerName | None = None
+    """Container whose ports are intercepted. Defaults to the first container."""
+
+    ports: tuple[ExposeItem, ...] = ()
+    """Container ports to intercept, as `PORT` or `LOCAL:REMOTE` (traffic for container port `REMOTE` reaches `LOCAL` here). For example: `[8080, "9000:9090"]`. Defaults to every TCP port the container declares, each to the same local port."""
+
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+    """Only HTTP/1.1 requests with all these headers reach this machine; every other request goes to the app. A value is matched exactly, or as `{regex: ...}`. For example: `{x-dev-user: alice}`. Defaults to every connection."""
 
 
 class Swap(_Model):
@@ -309,6 +362,12 @@ class _Settings(_Model):
     expose: tuple[ExposeItem, ...] = ()
     """Ports of the proxy pod whose connections are delivered to this machine, as `PORT` or `LOCAL:REMOTE` (listen on `LOCAL` here, reachable as `REMOTE` in the cluster). For example: `[8080, "9000:90"]`. Defaults to none."""
 
+    to_pod: tuple[Port, ...] = ()
+    """Ports of the pod's own `localhost` made reachable as `localhost:PORT` here (the pod's other containers, for example a database sidecar). For example: `[5432]`. Defaults to none."""
+
+    from_pod: tuple[Port, ...] = ()
+    """Ports of this machine made reachable as `localhost:PORT` inside the pod (for its other containers). For example: `[9090]`. Defaults to none."""
+
     also_proxy: tuple[AlsoProxyItem, ...] = ()
     """Hostnames, IP addresses and CIDRs outside the cluster that are reached through the cluster (for example a cloud database). Only `vpn-tcp` needs it. For example: `[db.example.com, 10.0.0.0/8]`."""
 
@@ -337,7 +396,7 @@ class Defaults(_Settings):
 
 
 class Deployment(_Settings):
-    """One Deployment proxied to this machine. Exactly one of `new`, `swap` and `existing` is set."""
+    """One Deployment proxied to this machine. Exactly one of `new`, `swap`, `existing` and `intercept` is set."""
 
     new: Annotated[
         New | None,
@@ -346,7 +405,10 @@ class Deployment(_Settings):
     """Create a new proxy Deployment and Service named like this entry. `true` or a mapping."""
 
     swap: Annotated[
-        Swap | None, BeforeValidator(_swap, json_schema_input_type=bool | str | Swap | None)
+        Swap | None,
+        BeforeValidator(
+            _deployment_and_container("swap"), json_schema_input_type=bool | str | Swap | None
+        ),
     ] = None
     """Swap an existing Deployment for a proxy while tpconf runs. `true`, `NAME`, `NAME:CONTAINER` or a mapping."""
 
@@ -358,6 +420,15 @@ class Deployment(_Settings):
         ),
     ] = None
     """Use an existing Deployment that already runs the proxy. `true`, `NAME` or a mapping."""
+
+    intercept: Annotated[
+        Intercept | None,
+        BeforeValidator(
+            _deployment_and_container("intercept"),
+            json_schema_input_type=bool | str | Intercept | None,
+        ),
+    ] = None
+    """Add the proxy to an existing Deployment's pods; its traffic (or the requests whose headers match) reaches this machine while the app keeps serving. `true`, `NAME`, `NAME:CONTAINER` or a mapping."""
 
     namespace: OptionalName = None
     """Namespace of the Deployment. Defaults to the top-level `namespace`."""

@@ -20,10 +20,23 @@ ExportFormat = Literal["dotenv", "json"]
 
 
 @dataclass(frozen=True, slots=True)
+class PortMapping:
+    """An exposed port: connections to ``remote`` in the pod reach ``local`` on this machine."""
+
+    local: int
+    remote: int
+
+    def __str__(self) -> str:
+        return str(self.local) if self.local == self.remote else f"{self.local}:{self.remote}"
+
+
+@dataclass(frozen=True, slots=True)
 class NewOp:
-    """Create a Deployment and a Service named after the deployment, running ``image``."""
+    """Create a Deployment and a Service called ``name`` (``None``: the entry's name), running
+    ``image``."""
 
     image: str
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,18 +54,34 @@ class ExistingOp:
     deployment: str
 
 
-Operation = NewOp | SwapOp | ExistingOp
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """A header that selects requests: ``name`` (lowercase) equal to ``value``, or matching it
+    as a regular expression (the whole value)."""
+
+    name: str
+    value: str
+    regex: bool = False
 
 
 @dataclass(frozen=True, slots=True)
-class PortMapping:
-    """An exposed port: connections to ``remote`` in the pod reach ``local`` on this machine."""
+class InterceptOp:
+    """Add the agent to Deployment ``deployment``'s pods as a sidecar; ``ports`` map container
+    ports (``remote``) to local ones; with ``headers``, only matching HTTP requests come here.
+    ``ports`` empty means every TCP port the container declares, each to the same local port."""
 
-    local: int
-    remote: int
+    deployment: str
+    container: str | None = None
+    ports: tuple[PortMapping, ...] = ()
+    headers: tuple[HeaderMatch, ...] = ()
 
-    def __str__(self) -> str:
-        return str(self.local) if self.local == self.remote else f"{self.local}:{self.remote}"
+    @property
+    def sidecar(self) -> tuple[str, str | None, tuple[int, ...]]:
+        """What the pods depend on: the headers and local ports are routes, changed in place."""
+        return (self.deployment, self.container, tuple(m.remote for m in self.ports))
+
+
+Operation = NewOp | SwapOp | ExistingOp | InterceptOp
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +146,16 @@ class DeploymentSpec:
     namespace: str | None
     context: str | None
     agent_image: str
+    to_pod: tuple[int, ...] = ()
+    """Ports of the pod's localhost reachable here."""
+    from_pod: tuple[int, ...] = ()
+    """Ports of this machine reachable on the pod's localhost."""
+
+    @property
+    def target(self) -> str:
+        """The Kubernetes Deployment this entry creates or works on."""
+        op = self.operation
+        return (op.name or self.name) if isinstance(op, NewOp) else op.deployment
 
 
 @dataclass(frozen=True, slots=True)

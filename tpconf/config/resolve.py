@@ -23,6 +23,8 @@ from tpconf.config.project import (
     EnvSpec,
     ExistingOp,
     ExportFormat,
+    HeaderMatch,
+    InterceptOp,
     Mount,
     NewOp,
     Operation,
@@ -35,7 +37,7 @@ from tpconf.config.project import (
 from tpconf.config.yamlsource import DocPath, Locator, format_loc
 from tpconf.errors import ConfigError, ConfigErrors
 
-_OPERATIONS = ("new", "swap", "existing")
+_OPERATIONS = ("new", "swap", "existing", "intercept")
 _PRIVILEGED_PORT_HINT = (
     "expose a port of 1024 or more in the pod (for example `8080:8080`); "
     "with `swap`, the Deployment's container port decides"
@@ -101,34 +103,61 @@ class _Resolver:
         present = [op for op in _OPERATIONS if getattr(deployment, op) is not None]
         if not present:
             self.error(
-                "no operation: set one of `new`, `swap` or `existing`",
+                "no operation: set one of `new`, `swap`, `existing` or `intercept`",
                 here,
                 hint="`new: true` creates a proxy Deployment, `swap: NAME` replaces a Deployment's "
-                "pods, `existing: NAME` uses a Deployment that already runs the proxy",
+                "pods, `existing: NAME` uses a Deployment that already runs the proxy, "
+                "`intercept: NAME` receives a Deployment's traffic while it keeps serving",
             )
             return None
         if len(present) > 1:
             for extra in present[1:]:
                 self.error(
                     f"`{present[0]}` and `{extra}` cannot be combined: a deployment has exactly "
-                    "one of `new`, `swap` and `existing`",
+                    "one of `new`, `swap`, `existing` and `intercept`",
                     (*here, extra),
                     hint=f"remove `{extra}` or `{present[0]}`",
                 )
             return None
         if deployment.new is not None:
-            if not name[0].isalpha():
+            created = deployment.new.name or name
+            if not created[0].isalpha():
                 self.error(
-                    f"`{name}` cannot be the name of a new deployment: the Service created with "
-                    "it must start with a letter",
-                    here,
-                    hint="rename the deployment",
+                    f"`{created}` cannot be the name of a new deployment: the Service created "
+                    "with it must start with a letter",
+                    (*here, "new", "name") if deployment.new.name else here,
+                    hint="rename the deployment, or set `new.name`",
                 )
-            return NewOp(image=deployment.new.image or image)
+            return NewOp(image=deployment.new.image or image, name=deployment.new.name)
         if deployment.swap is not None:
             return SwapOp(deployment.swap.deployment or name, deployment.swap.container)
+        if deployment.intercept is not None:
+            return self.intercept(name, deployment.intercept)
         assert deployment.existing is not None
         return ExistingOp(deployment.existing.deployment or name)
+
+    def intercept(self, name: str, intercept: models.Intercept) -> InterceptOp:
+        here: DocPath = ("deployments", name, "intercept")
+        ports: list[PortMapping] = []
+        seen: dict[int, int] = {}
+        for index, (local, remote) in enumerate(intercept.ports):
+            if remote in seen:
+                self.error(
+                    f"container port {remote} is intercepted twice (first as `ports[{seen[remote]}]`)",
+                    (*here, "ports", index),
+                    at_key=False,
+                    hint="a container port reaches one local port; remove one of them",
+                )
+                continue
+            seen[remote] = index
+            ports.append(PortMapping(local=local, remote=remote))
+        headers = tuple(
+            HeaderMatch(header, value.regex, regex=True)
+            if isinstance(value, models.HeaderRegex)
+            else HeaderMatch(header, value)
+            for header, value in sorted(intercept.headers.items())
+        )
+        return InterceptOp(intercept.deployment or name, intercept.container, tuple(ports), headers)
 
     def expose(self, name: str, deployment: models.Deployment) -> tuple[PortMapping, ...]:
         items, path = self.setting(name, deployment, "expose")
@@ -199,6 +228,21 @@ class _Resolver:
                 hint=f"remove `run` (`{format_loc(run_path)}`), or set `shell: false`",
             )
         expose = self.expose(name, deployment)
+        if isinstance(operation, InterceptOp) and expose:
+            self.error(
+                "`expose` does not apply to `intercept`: the intercepted ports are the "
+                "container's own",
+                self.setting(name, deployment, "expose")[1],
+                hint="list the ports under `intercept.ports` (`LOCAL:REMOTE` as in `expose`), "
+                "or use `from-pod` to reach this machine from the pod's localhost",
+            )
+        from_pod, from_path = self.setting(name, deployment, "from_pod")
+        for port in sorted(set(from_pod) & {m.remote for m in expose}):
+            self.error(
+                f"port {port} is in both `from-pod` and `expose`: the pod can listen on it once",
+                from_path,
+                hint="remove it from one of them (`expose` also reaches it from the pod itself)",
+            )
         volumes = self.volumes(name, deployment)
         env = self.env(name, deployment)
         if operation is None:
@@ -216,6 +260,8 @@ class _Resolver:
             namespace=deployment.namespace or self.file.namespace,
             context=deployment.context or self.file.context,
             agent_image=operation.image if isinstance(operation, NewOp) else image,
+            to_pod=self.setting(name, deployment, "to_pod")[0],
+            from_pod=self.setting(name, deployment, "from_pod")[0],
         )
 
     # -- across deployments ------------------------------------------------------------------------
@@ -243,8 +289,7 @@ class _Resolver:
     def distinct_targets(self, specs: list[DeploymentSpec]) -> None:
         owners: dict[tuple[str | None, str | None, str], str] = {}
         for spec in specs:
-            op = spec.operation
-            target = spec.name if isinstance(op, NewOp) else op.deployment
+            target = spec.target
             key = (spec.context, spec.namespace, target)
             if key in owners:
                 self.error(

@@ -182,3 +182,30 @@ def image(value: str) -> str:
             hint="for example `tpconf/agent:0.1.0`",
         )
     return value
+
+
+#: An HTTP field name (RFC 9110 token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header_name(value: str) -> str:
+    """An HTTP header name, lowercased (header names are case-insensitive)."""
+    if _HEADER_NAME.fullmatch(value) is None:
+        raise BadValue(
+            f"`{value}` is not a valid HTTP header name",
+            hint="use letters, digits and '-', for example `x-dev-user`",
+        )
+    return value.lower()
+
+
+def regex(value: str) -> str:
+    """A Python regular expression that compiles."""
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise BadValue(
+            f"`{value}` is not a valid regular expression: {exc}",
+            hint="write a Python regular expression; to match the text exactly, give the value "
+            "without `regex`",
+        ) from None
+    return value

@@ -4,7 +4,8 @@ A deployment in the file becomes a chain of *units* that ``loop.py`` runs::
 
     proxy ─► tunnel ─┬─► outbound (the cluster resolver and the method's side: tpconf.methods)
                      ├─► volumes
-                     ├─► expose (one remote forward per port mapping)
+                     ├─► expose (remote forwards of `expose`/`from-pod`, listeners of `to-pod`)
+                     ├─► routes (intercept: a route per replica's router)
                      ├─► export (the env file)
                      └─► process
 
@@ -23,6 +24,8 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from tpconf.config import InterceptOp
+
 if TYPE_CHECKING:
     from tpconf.config import DeploymentSpec, Project
     from tpconf.methods import Method
@@ -36,8 +39,9 @@ class Unit(enum.IntEnum):
     OUTBOUND = 2
     VOLUMES = 3
     EXPOSE = 4
-    EXPORT = 5
-    PROCESS = 6
+    ROUTES = 5
+    EXPORT = 6
+    PROCESS = 7
 
 
 ALL_UNITS: tuple[Unit, ...] = tuple(Unit)
@@ -53,6 +57,10 @@ class Facets:
     outbound: Hashable
     """What the method's outbound side depends on (vpn-tcp: `also-proxy` and `vpn:`)."""
     exposes: frozenset[tuple[int, int]]
+    links: Hashable
+    """`to-pod` and `from-pod` (updated in place with the exposes)."""
+    routes: Hashable
+    """An intercept's local ports and headers (updated in place: the pods stay)."""
     volumes: Hashable
     process: Hashable
     export: Hashable
@@ -71,11 +79,15 @@ def facets_of(spec: DeploymentSpec, outbound: Hashable = ()) -> Facets:
     its method says the outbound side depends on."""
     exposes = frozenset((m.local, m.remote) for m in spec.expose)
     low_ports = any(remote < 1024 for _, remote in exposes)
+    op = spec.operation
+    pods = op.sidecar if isinstance(op, InterceptOp) else op
     return Facets(
-        cluster=(spec.context, spec.namespace, spec.operation, spec.agent_image, low_ports),
+        cluster=(spec.context, spec.namespace, pods, spec.agent_image, low_ports),
         method=spec.method,
         outbound=outbound,
         exposes=exposes,
+        links=(spec.to_pod, spec.from_pod),
+        routes=(op.ports, op.headers) if isinstance(op, InterceptOp) else (),
         volumes=spec.volumes,
         # The process sees the pod env through these too, so a new pod restarts it (see plan).
         process=(spec.run, spec.shell, spec.env.set, spec.method),
@@ -140,11 +152,15 @@ def _changed_units(old: Facets, new: Facets) -> tuple[set[Unit], dict[Unit, str]
         restart |= {Unit.VOLUMES, Unit.PROCESS}
     if old.process != new.process:
         restart.add(Unit.PROCESS)
-    if old.exposes != new.exposes:
+    if old.exposes != new.exposes or old.links != new.links:
         added = sorted(new.exposes - old.exposes)
         removed = sorted(old.exposes - new.exposes)
         parts = [f"+{lo}:{re}" for lo, re in added] + [f"-{lo}:{re}" for lo, re in removed]
+        if old.links != new.links:
+            parts.append("to-pod/from-pod changed")
         update[Unit.EXPOSE] = " ".join(parts)
+    if old.routes != new.routes:
+        update[Unit.ROUTES] = "intercept ports or headers changed"
     if old.export != new.export:
         restart.add(Unit.EXPORT)
     return restart, update

@@ -17,6 +17,7 @@ it. docs/architecture.md draws the whole picture.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,13 +26,16 @@ from pathlib import Path
 from typing import TypeVar, assert_never
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import SocketStream, TaskStatus
 
 from tpconf import cluster, volumes
-from tpconf.config import DeploymentSpec, ExistingOp, NewOp, PortMapping, Project, SwapOp
+from tpconf.config import DeploymentSpec, ExistingOp, InterceptOp, NewOp, Project, SwapOp
+from tpconf.errors import ProxyError, TpconfError, explain
 from tpconf.methods import Link, MethodRuntime, Outbound
+from tpconf.net import relay
 from tpconf.proxy import ClusterResolver
 from tpconf.reconcile.plan import Unit
+from tpconf.reconcile.routes import Routes, route_specs
 from tpconf.reconcile.session import AGENT_USER, Session
 from tpconf.supervisor import (
     OutputSink,
@@ -55,6 +59,8 @@ from tpconf.tunnel import (
     port_forward_transport,
     run_tunnel,
 )
+
+log = logging.getLogger(__name__)
 
 #: Cluster-side cleanup (restoring a swap) gets this long after cancellation before giving up;
 #: `tpconf down` finds whatever it could not finish.
@@ -151,35 +157,100 @@ class VolumesReady:
     """The pod's mount points (``TELEPRESENCE_MOUNTS``)."""
 
 
-class ExposeReady:
-    """The remote forwards of `expose`; :meth:`update` applies an edit in place."""
+@dataclass(frozen=True, order=True)
+class Forward:
+    """A port of the pod (on ``bind``) whose connections come to ``local`` here."""
 
-    def __init__(self, ctx: Context, proxy: ProxyReady, tunnel: TunnelReady) -> None:
+    remote: int
+    local: int
+    bind: str = "0.0.0.0"
+    why: str = "expose"
+
+    def __str__(self) -> str:
+        where = f"the pod's localhost:{self.remote}" if self.bind == "127.0.0.1" else None
+        where = where or f"cluster port {self.remote}"
+        return f"{where} -> localhost:{self.local} ({self.why})"
+
+
+def wanted_forwards(spec: DeploymentSpec, proxy: ProxyReady) -> set[Forward]:
+    """`expose`, a swapped container's own ports (unless `expose` maps them), and `from-pod`."""
+    forwards = {Forward(m.remote, m.local) for m in spec.expose}
+    if isinstance(spec.operation, SwapOp):
+        exposed = {m.remote for m in spec.expose}
+        why = "the swapped container's port"
+        forwards |= {Forward(p, p, why=why) for p in proxy.proxy.ports if p not in exposed}
+    forwards |= {Forward(p, p, bind="127.0.0.1", why="from-pod") for p in spec.from_pod}
+    return forwards
+
+
+class ExposeReady:
+    """The pod's ports that reach this machine, and `to-pod`: the pod's localhost ports that
+    this machine reaches. :meth:`update` applies an edit in place."""
+
+    def __init__(
+        self, ctx: Context, proxy: ProxyReady, tunnel: TunnelReady, tg: anyio.abc.TaskGroup
+    ) -> None:
         self._ctx = ctx
         self._proxy = proxy
         self._tunnel = tunnel
-        self.forwards: dict[PortMapping, SupervisedForward] = {}
+        self._tg = tg
+        self.forwards: dict[Forward, SupervisedForward] = {}
+        self.to_pod: dict[int, anyio.CancelScope] = {}
 
-    async def open(self, mapping: PortMapping) -> None:
-        self.forwards[mapping] = await self._tunnel.tunnel.forward_remote(
-            mapping.remote, mapping.local
+    async def open(self, forward: Forward) -> None:
+        self.forwards[forward] = await self._tunnel.tunnel.forward_remote(
+            forward.remote, forward.local, bind_host=forward.bind
         )
-        self._ctx.notice(f"cluster port {mapping.remote} -> localhost:{mapping.local}")
+        self._ctx.notice(str(forward))
 
-    def close(self, mapping: PortMapping) -> None:
-        forward = self.forwards.pop(mapping, None)
-        if forward is not None:
-            forward.close()
+    def close(self, forward: Forward) -> None:
+        remote = self.forwards.pop(forward, None)
+        if remote is not None:
+            remote.close()
+
+    async def listen(self, port: int) -> None:
+        """`to-pod`: localhost:PORT here connects to localhost:PORT in the pod."""
+        self.to_pod[port] = await self._tg.start(self._listen, port)
+        self._ctx.notice(f"localhost:{port} -> the pod's localhost:{port} (to-pod)")
+
+    async def _listen(self, port: int, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
+        try:
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
+        except OSError as exc:
+            raise ProxyError(
+                f"to-pod: cannot listen on localhost:{port}: {exc.strerror or exc}",
+                hint=f"stop what uses port {port} here, or remove it from `to-pod`",
+            ) from exc
+
+        async def connect(client: SocketStream) -> None:
+            async with client:
+                try:
+                    upstream = await self._tunnel.tunnel.dial("127.0.0.1", port)
+                except (OSError, TpconfError) as exc:
+                    log.info("to-pod %d: %s", port, exc)
+                    return
+                async with upstream:
+                    await relay(client, upstream)
+
+        with anyio.CancelScope() as scope:
+            async with listener:
+                task_status.started(scope)
+                await listener.serve(connect)
 
     async def update(self, spec: DeploymentSpec) -> None:
-        """Close removed forwards, open added ones, and fit a ``new`` proxy's Service to them."""
-        wanted = set(spec.expose)
-        for mapping in [m for m in self.forwards if m not in wanted]:
-            self.close(mapping)
-            self._ctx.notice(f"cluster port {mapping.remote} no longer forwarded")
-        for mapping in sorted(wanted - set(self.forwards), key=lambda m: (m.remote, m.local)):
-            await self.open(mapping)
-        ports = tuple(sorted({m.remote for m in wanted}))
+        """Close what was removed, open what was added; fit a ``new`` proxy's Service."""
+        wanted = wanted_forwards(spec, self._proxy)
+        for forward in [f for f in self.forwards if f not in wanted]:
+            self.close(forward)
+            self._ctx.notice(f"no longer forwarded: {forward}")
+        for forward in sorted(wanted - set(self.forwards)):
+            await self.open(forward)
+        for port in [p for p in self.to_pod if p not in spec.to_pod]:
+            self.to_pod.pop(port).cancel()
+        for port in spec.to_pod:
+            if port not in self.to_pod:
+                await self.listen(port)
+        ports = tuple(sorted({m.remote for m in spec.expose}))
         await cluster.update_service_ports(self._proxy.client, self._proxy.request, ports)
 
 
@@ -237,6 +308,9 @@ def _operation(spec: DeploymentSpec) -> cluster.Operation:
             return cluster.Swap(deployment=deployment, container=container)
         case ExistingOp(deployment=deployment):
             return cluster.Existing(deployment=deployment)
+        case InterceptOp(deployment=deployment, container=container, ports=ports):
+            remote = tuple(m.remote for m in ports)
+            return cluster.Intercept(deployment=deployment, container=container, ports=remote)
         case _:
             assert_never(spec.operation)
 
@@ -247,7 +321,8 @@ async def proxy_unit(ctx: Context, *, task_status: TaskStatus[ProxyReady]) -> No
     client = await session.cluster(spec.context, spec.namespace)
     keys = await anyio.to_thread.run_sync(partial(ProxyKeys.generate, comment=spec.name))
     request = cluster.ProxyRequest(
-        name=spec.name,
+        # `new`: the name of the Deployment and Service (`new.name`, else the entry's).
+        name=spec.target if isinstance(spec.operation, NewOp) else spec.name,
         namespace=spec.namespace or client.namespace,
         operation=_operation(spec),
         agent_image=spec.agent_image,
@@ -257,13 +332,18 @@ async def proxy_unit(ctx: Context, *, task_status: TaskStatus[ProxyReady]) -> No
         keys=cluster.AgentKeys(
             host_private_key=keys.host_private_key, authorized_keys=keys.client_public_key
         ),
-        expose_remote_ports=tuple(sorted({m.remote for m in spec.expose})),
+        expose_remote_ports=tuple(sorted({m.remote for m in spec.expose} | set(spec.from_pod))),
+        shared_keys=keys.to_secret_data(),
     )
     await session.preflight(client, request.namespace, type(request.operation))
     try:
         proxy = await cluster.start(client, request, progress=ctx.notice)
+        if proxy.shared_keys is not None:  # an intercept: the keys its developers share
+            keys = await anyio.to_thread.run_sync(ProxyKeys.from_secret_data, proxy.shared_keys)
         pod = await cluster.wait_for_pod(client, proxy, progress=ctx.notice)
         task_status.started(ProxyReady(client, request, proxy, keys, pod))
+        if isinstance(request.operation, cluster.Intercept):
+            await _hold_intercept(ctx, client, request)
         await anyio.sleep_forever()
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT) as scope:
@@ -272,23 +352,46 @@ async def proxy_unit(ctx: Context, *, task_status: TaskStatus[ProxyReady]) -> No
             ctx.notice("cleanup timed out: run `tpconf down` to finish it")
 
 
+async def _hold_intercept(
+    ctx: Context, client: cluster.Cluster, request: cluster.ProxyRequest
+) -> None:
+    """Renew this developer's Lease on the intercept for as long as the unit runs."""
+    failing = False
+    while True:
+        await anyio.sleep(cluster.RENEW_SECONDS)
+        try:
+            await cluster.renew(client, request)
+        except TpconfError as exc:
+            # The others see a lapsed Lease only after LEASE_SECONDS: keep trying until then.
+            if not failing:
+                ctx.notice(f"cannot renew the intercept's lease: {explain(exc).render()}")
+            failing = True
+        else:
+            if failing:
+                ctx.notice("the intercept's lease is renewed again")
+            failing = False
+
+
+def _target(ctx: Context, pod: cluster.PodRef) -> PortForwardTarget:
+    return PortForwardTarget(
+        namespace=pod.namespace,
+        resource=f"pod/{pod.pod}",
+        kubectl=ctx.session.kubectl,
+        kubeconfig=ctx.session.kubeconfig,
+        context=ctx.spec.context,
+    )
+
+
 async def tunnel_unit(
     ctx: Context, proxy: ProxyReady, *, task_status: TaskStatus[TunnelReady]
 ) -> None:
     """Port-forward + SSH to the agent, reconnecting by itself; reads the pod info once up."""
-    session = ctx.session
     link = LinkStatus(pod=proxy.pod)
 
     async def current_pod() -> PortForwardTarget:
         # A re-created pod has a new name: find the Ready one on every attempt.
         link.pod = await cluster.wait_for_pod(proxy.client, proxy.proxy, timeout=300)
-        return PortForwardTarget(
-            namespace=link.pod.namespace,
-            resource=f"pod/{link.pod.pod}",
-            kubectl=session.kubectl,
-            kubeconfig=session.kubeconfig,
-            context=ctx.spec.context,
-        )
+        return _target(ctx, link.pod)
 
     def on_state(event: TunnelEvent) -> None:
         link.state = event.state
@@ -365,16 +468,43 @@ async def expose_unit(
     *,
     task_status: TaskStatus[ExposeReady],
 ) -> None:
-    """One remote forward per `expose` mapping: pod port REMOTE -> 127.0.0.1:LOCAL here."""
-    exposed = ExposeReady(ctx, proxy, tunnel)
-    try:
-        for mapping in ctx.spec.expose:
-            await exposed.open(mapping)
-        task_status.started(exposed)
+    """Remote forwards (`expose`, a swapped container's ports, `from-pod`) and `to-pod`
+    listeners: pod port REMOTE -> 127.0.0.1:LOCAL here, and back."""
+    async with anyio.create_task_group() as tg:
+        exposed = ExposeReady(ctx, proxy, tunnel, tg)
+        try:
+            for forward in sorted(wanted_forwards(ctx.spec, proxy)):
+                await exposed.open(forward)
+            for port in ctx.spec.to_pod:
+                await exposed.listen(port)
+            task_status.started(exposed)
+            await anyio.sleep_forever()
+        finally:
+            for forward in list(exposed.forwards):
+                exposed.close(forward)
+            tg.cancel_scope.cancel()
+
+
+async def routes_unit(
+    ctx: Context, proxy: ProxyReady, *, task_status: TaskStatus[Routes | None]
+) -> None:
+    """An intercept's routes on every Ready replica (nothing for the other operations)."""
+    op = ctx.spec.operation
+    if not isinstance(op, InterceptOp):
+        task_status.started(None)
         await anyio.sleep_forever()
-    finally:
-        for mapping in list(exposed.forwards):
-            exposed.close(mapping)
+        return
+    routes = Routes(
+        client=proxy.client,
+        proxy=proxy.proxy,
+        keys=proxy.keys,
+        username=AGENT_USER,
+        who=f"{ctx.session.owner} ({ctx.name})",
+        target=partial(_target, ctx),
+        notice=ctx.notice,
+        specs=route_specs(op, proxy.proxy.intercepted),
+    )
+    await routes.run(task_status=task_status)
 
 
 async def export_unit(
@@ -499,6 +629,8 @@ def starter(unit: Unit, ctx: Context, results: Results) -> StartFn:
             return partial(volumes_unit, ctx, tunnel())
         case Unit.EXPOSE:
             return partial(expose_unit, ctx, proxy(), tunnel())
+        case Unit.ROUTES:
+            return partial(routes_unit, ctx, proxy())
         case Unit.EXPORT:
             return partial(export_unit, ctx, tunnel(), mounted())
         case Unit.PROCESS:
@@ -513,6 +645,8 @@ async def update(unit: Unit, result: object, spec: DeploymentSpec, project: Proj
     match result:
         case ExposeReady():
             await result.update(spec)
+        case Routes() if isinstance(spec.operation, InterceptOp):
+            await result.update(route_specs(spec.operation, result.intercepted))
         case OutboundReady():
             await result.outbound.update(spec, project)
         case _:
