@@ -31,6 +31,7 @@ import pytest
 from anyio.abc import Process, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from tests.load.pressure import SMALL_BUFFER, MiB, push
 from tpconf.errors import PrivilegeError
 from tpconf.redirect.routing import (
     DNS_UPSTREAM_MARK,
@@ -438,6 +439,30 @@ async def test_half_close_and_bulk_data_pass_through_the_proxy(topology: Topolog
             elapsed = time.perf_counter() - start
         assert got == size
         print(f"vpn-tcp relay in a netns: {size / elapsed / 1e6:.0f} MB/s")
+
+
+@root
+@skip_unless_root
+@pytest.mark.anyio
+async def test_an_upload_faster_than_its_destination_reads_is_slowed_down_not_held(
+    topology: Topology,
+) -> None:
+    """Issue 11: the proxy dials before it reads, so anyio's accepted stream (which stops
+    reading only when a read has to wait) read a fast upload whole: 5.66 GB in 10 s."""
+    async with vpn_in(topology.client) as vpn:
+        await vpn.routes("web", ["10.123.0.0/16"], "a")
+        before = await vpn.command("memory")
+        sock = socket_in(topology.client)
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+            sock.settimeout(5)
+            await anyio.to_thread.run_sync(sock.connect, ("10.123.0.9", 7))
+            sent = await push(sock, seconds=3, limit=1024 * MiB)
+            after = await vpn.command("memory")
+        assert await vpn.collect_dials() == [("a", "10.123.0.9", 7)]
+    assert sent < 64 * MiB, f"{sent / MiB:.0f} MiB went into a destination that does not read"
+    growth = after["peak"] - before["rss"]
+    assert growth < 32 * MiB, f"the proxy grew by {growth / MiB:.0f} MiB"
 
 
 def nat_rules(ns: str) -> str:

@@ -10,7 +10,8 @@ as ``direct`` (so a connection that was *not* intercepted is recognisable) and a
 nameserver" answering ``upstream:<query>``.
 
 Tagged servers: an HTTP request gets ``200`` with the tag as body; ``SEND <n>`` gets n bytes;
-anything else is echoed as ``<tag>:<data>``.
+anything else is echoed as ``<tag>:<data>``. The ``stalled`` target (10.123.0.9) accepts and never
+reads and takes 0.3 s to dial; the ``memory`` command reports this process's RSS and its peak (bytes).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import socket
 import sys
 from ipaddress import IPv4Network
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,6 +28,9 @@ from anyio.abc import ByteStream, SocketStream
 
 from tpconf.redirect.routing import DNS_UPSTREAM_MARK
 from tpconf.redirect.transparent import VPN
+
+#: The address of the target that never reads (dialed with a delay, as through a tunnel).
+STALLED = "10.123.0.9"
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -63,6 +68,30 @@ async def tagged_server(
         await listener.serve(handle)
 
 
+async def stalled_server(*, task_status: anyio.abc.TaskStatus[int]) -> None:
+    """Accepts and never reads (a small receive buffer: what is sent waits in the proxy)."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.setblocking(False)
+    accepted = []
+    with listener:
+        task_status.started(listener.getsockname()[1])
+        while True:
+            await anyio.wait_readable(listener)
+            accepted.append(listener.accept()[0])
+
+
+def memory() -> dict[str, int]:
+    status = Path("/proc/self/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    return {
+        "rss": int(fields["VmRSS"].split()[0]) * 1024,
+        "peak": int(fields["VmHWM"].split()[0]) * 1024,
+    }
+
+
 async def udp_responder(
     tag: str, host: str, port: int, *, task_status: anyio.abc.TaskStatus[int]
 ) -> None:
@@ -83,6 +112,8 @@ class TestDialer:
         emit({"event": "dial", "dialer": self.name, "host": host, "port": port})
         if host not in self.targets:
             raise ConnectionRefusedError(f"{host}:{port} is not a test target")
+        if host == STALLED:
+            await anyio.sleep(0.3)  # a dial through the tunnel takes a while: the client sends
         return await anyio.connect_tcp("127.0.0.1", self.targets[host])
 
 
@@ -101,9 +132,10 @@ async def run_vpn() -> None:
         targets = {
             "a": await tg.start(tagged_server, "target-a", "127.0.0.1", 0),
             "b": await tg.start(tagged_server, "target-b", "127.0.0.1", 0),
+            "stalled": await tg.start(stalled_server),
         }
         dialers = {
-            "a": TestDialer("a", {"10.123.0.5": targets["a"]}),
+            "a": TestDialer("a", {"10.123.0.5": targets["a"], STALLED: targets["stalled"]}),
             "b": TestDialer("b", {"10.125.0.7": targets["b"]}),
         }
         dns_port: int | None = None
@@ -148,6 +180,8 @@ async def run_vpn() -> None:
                         reply["reply"] = data.decode()
                     case "ping":
                         pass
+                    case "memory":
+                        reply.update(memory())
                     case "stop":
                         vpn_scope.cancel()
                         await vpn_done.wait()

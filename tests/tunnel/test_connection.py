@@ -11,9 +11,21 @@ import anyio
 import pytest
 from anyio.abc import ByteStream
 
+from tests.load.pressure import (
+    MAX_GROWTH,
+    MAX_IN_FLIGHT,
+    PUSH,
+    MiB,
+    connect,
+    push,
+    stalled_server,
+    watch_memory,
+    writer_socket,
+)
 from tpconf.errors import ForwardFailed, HostKeyMismatch, Transient, TunnelDown, TunnelError
 from tpconf.net import Dialer
 from tpconf.tunnel import Credentials, ProxyKeys, TunnelSettings, open_tunnel
+from tpconf.tunnel.stream import ChannelStream
 
 from .peers import agent_server, freezable_proxy, tcp_server
 
@@ -153,7 +165,28 @@ async def test_a_slow_reader_slows_the_sender_instead_of_buffering_everything(
                 await stream.send(b"x" * 65536)
                 sent += 65536
         assert sent < 16 * 1024 * 1024
-        assert stream._buffered <= 64 * 1024 + 32 * 1024  # type: ignore[attr-defined]
+        assert isinstance(stream, ChannelStream)
+        assert stream.buffered <= 64 * 1024 + 32 * 1024
+
+
+async def test_an_exposed_port_is_slowed_down_by_a_local_server_that_does_not_read(
+    keys: ProxyKeys,
+) -> None:
+    """The pod side of `expose` (the agent, here in-process too) writes into a stalled server."""
+    async with (
+        agent_server(keys) as agent,
+        open_tunnel(("127.0.0.1", agent.port), keys.credentials(USER)) as tunnel,
+        stalled_server() as local_port,
+    ):
+        forward = await tunnel.forward_remote(0, local_port, bind_host="127.0.0.1")
+        with writer_socket() as sock:
+            await connect(sock, forward.port)
+            with watch_memory() as memory:
+                sent = await push(sock, seconds=2, limit=PUSH)
+        await forward.aclose()
+    # The SSH window (2 MiB) and the agent's and tpconf's socket buffers, nothing more.
+    assert sent < MAX_IN_FLIGHT, f"{sent / MiB:.0f} MiB went into a stalled local server"
+    assert memory.peak < MAX_GROWTH, f"{memory.peak / MiB:.1f} MiB allocated"
 
 
 async def test_dial_to_a_closed_port_raises_connection_refused(keys: ProxyKeys) -> None:

@@ -48,14 +48,16 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.abc import ConnectedUDPSocket, SocketAttribute, SocketStream, TaskStatus
+from anyio.abc import ByteStream, ConnectedUDPSocket, SocketAttribute, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 from dnslib import QTYPE, DNSError, DNSHeader, DNSRecord
 
 from tpconf import errors
+from tpconf.net import TCPListener
 from tpconf.proxy.resolver import NOERROR, SERVFAIL, ResolveError, build_reply
 
 if TYPE_CHECKING:
@@ -76,6 +78,14 @@ MAX_UDP_IN_FLIGHT = 512
 
 #: A TCP client that sends nothing for this long is disconnected (RFC 7766 suggests seconds).
 TCP_IDLE_TIMEOUT = 10.0
+
+#: Most queries of one TCP connection answered at once: past this the next query is not read
+#: until one is answered, so a client that pipelines without reading the replies is slowed
+#: down, not buffered (issue 11: 1.3 GB from one such client).
+MAX_TCP_IN_FLIGHT = 32
+
+#: Most TCP connections served at once (more are reset; UDP is unaffected).
+MAX_TCP_CONNECTIONS = 1024
 
 #: Most packed replies kept for repeated questions (each lives one second at most).
 MAX_CACHED_REPLIES = 4096
@@ -355,8 +365,8 @@ class DnsServer:
         async with udp, tcp, anyio.create_task_group() as tg:
             port = udp.extra(SocketAttribute.local_port)
             log.debug("DNS server listening on 127.0.0.1:%d (UDP, TCP)", port)
+            await tg.start(partial(tcp.serve, self._tcp_client))
             task_status.started(port)
-            tg.start_soon(tcp.serve, self._tcp_client)
             async for packet, (host, client_port) in udp:
                 reply = self.cached_reply(packet)
                 if reply is not None:  # answered here: a task costs more than the answer
@@ -370,7 +380,7 @@ class DnsServer:
                 self._udp_in_flight += 1
                 tg.start_soon(self._udp_query, udp, packet, host, client_port)
 
-    async def _bind(self) -> tuple[UDPSocket, Any]:
+    async def _bind(self) -> tuple[UDPSocket, TCPListener]:
         tries = 1 if self.port else 8  # a random UDP port may be taken for TCP: pick another
         for attempt in range(tries):
             try:
@@ -381,7 +391,9 @@ class DnsServer:
                 raise _port_error(self.port, exc) from exc
             port = udp.extra(SocketAttribute.local_port)
             try:
-                tcp = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
+                tcp = TCPListener.bind(
+                    "127.0.0.1", port, name="DNS over TCP", max_connections=MAX_TCP_CONNECTIONS
+                )
             except OSError as exc:
                 await udp.aclose()
                 if attempt == tries - 1:
@@ -400,18 +412,25 @@ class DnsServer:
         finally:
             self._udp_in_flight -= 1
 
-    async def _tcp_client(self, stream: SocketStream) -> None:
+    async def _tcp_client(self, stream: ByteStream) -> None:
         """Serve pipelined queries on one connection; replies may come out of order."""
         lock = anyio.Lock()
+        slots = anyio.Semaphore(MAX_TCP_IN_FLIGHT)
+
+        async def reply(data: bytes) -> None:
+            async with lock:
+                await stream.send(len(data).to_bytes(2, "big") + data)
 
         async def one(packet: bytes) -> None:
-            reply = await self.answer(packet, tcp=True)
-            if reply is not None:
-                async with lock:
-                    await stream.send(len(reply).to_bytes(2, "big") + reply)
+            try:
+                data = await self.answer(packet, tcp=True)
+                if data is not None:
+                    await reply(data)
+            finally:
+                slots.release()
 
         try:
-            async with stream, anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as tg:
                 reader = BufferedByteReceiveStream(stream)
                 while True:
                     with anyio.move_on_after(TCP_IDLE_TIMEOUT) as idle:
@@ -419,16 +438,14 @@ class DnsServer:
                         packet = await reader.receive_exactly(size)
                     if idle.cancelled_caught:
                         break
-                    reply = self.cached_reply(packet, tcp=True)
-                    if reply is not None:
-                        async with lock:
-                            await stream.send(len(reply).to_bytes(2, "big") + reply)
-                    else:
-                        tg.start_soon(one, packet)
+                    cached = self.cached_reply(packet, tcp=True)
+                    if cached is not None:
+                        await reply(cached)
+                        continue
+                    await slots.acquire()  # the next query is read once one is answered
+                    tg.start_soon(one, packet)
         except (anyio.EndOfStream, anyio.IncompleteRead):
             pass
-        except Exception:  # one connection's trouble never stops the server
-            log.debug("DNS TCP connection failed", exc_info=True)
 
 
 def _port_error(port: int, exc: OSError) -> errors.ProxyError:

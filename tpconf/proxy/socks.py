@@ -29,10 +29,10 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-from anyio.abc import ByteStream, SocketAttribute, TaskStatus
+from anyio.abc import ByteStream, TaskStatus
 
 from tpconf import errors
-from tpconf.net import relay
+from tpconf.net import MAX_CONNECTIONS, TCPListener, relay
 from tpconf.proxy.resolver import ResolveError
 
 if TYPE_CHECKING:
@@ -238,7 +238,8 @@ class SocksServer:
 
     ``port`` 0 picks a free port; :meth:`serve` reports the bound one. ``handshake_timeout``
     bounds how long a client may take to send its greeting and request; ``connect_timeout``
-    bounds opening the outbound connection.
+    bounds opening the outbound connection. ``max_connections`` bounds the connections served
+    at once (more are reset, see :class:`~tpconf.net.TCPListener`).
     """
 
     def __init__(
@@ -249,12 +250,16 @@ class SocksServer:
         port: int = 0,
         handshake_timeout: float = 10.0,
         connect_timeout: float = 10.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.resolver = resolver
         self.dialer = dialer
         self.port = port
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        #: The listener while :meth:`serve` runs (its counters: refused, exhausted).
+        self.listener: TCPListener | None = None
         #: Client connections being served right now.
         self.active = 0
         #: Requests received, by command (``Command.RESOLVE_PTR`` ...): for tests and status.
@@ -263,25 +268,27 @@ class SocksServer:
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until cancelled; ``task_status.started(port)`` once bound."""
         try:
-            listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
+            listener = TCPListener.bind(
+                "127.0.0.1", self.port, name="SOCKS", max_connections=self.max_connections
+            )
         except OSError as exc:
             raise errors.ProxyError(
                 f"cannot listen for SOCKS on 127.0.0.1:{self.port}: {exc.strerror or exc}",
                 hint="choose another port, or 0 for any free one",
             ) from exc
         async with listener:
-            port = listener.extra(SocketAttribute.local_port)
-            log.debug("SOCKS server listening on 127.0.0.1:%d", port)
-            task_status.started(port)
-            await listener.serve(self._handle)
+            log.debug("SOCKS server listening on 127.0.0.1:%d", listener.port)
+            self.listener = listener
+            try:
+                await listener.serve(self._handle, task_status=task_status)
+            finally:
+                self.listener = None
 
     async def _handle(self, client: ByteStream) -> None:
+        """One client; the listener closes it and keeps any failure to this connection."""
         self.active += 1
         try:
-            async with client:
-                await self._session(client)
-        except Exception:  # one connection's trouble never stops the server
-            log.debug("SOCKS connection failed", exc_info=True)
+            await self._session(client)
         finally:
             self.active -= 1
 

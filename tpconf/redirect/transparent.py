@@ -16,7 +16,6 @@ IPv4 only: ``SO_ORIGINAL_DST`` is read for IPv4 and only IPv4 rules are written.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import struct
@@ -24,10 +23,10 @@ from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 
 import anyio
-from anyio.abc import SocketAttribute, SocketStream, TaskStatus
+from anyio.abc import ByteStream, SocketAttribute, TaskStatus
 
 from tpconf.errors import TpconfError, explain
-from tpconf.net import Dialer, relay
+from tpconf.net import MAX_CONNECTIONS, Dialer, TCPListener, relay, set_reset_on_close
 from tpconf.redirect.routing import (
     DNS_UPSTREAM_MARK,
     DnsRedirect,
@@ -53,15 +52,17 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(raw[4:8]), port
 
 
-def _reset(stream: SocketStream) -> None:
+def _reset(stream: ByteStream) -> None:
     """Make the coming close send a RST: the program sees "connection reset", like a refusal."""
-    sock = stream.extra(SocketAttribute.raw_socket)
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    set_reset_on_close(stream.extra(SocketAttribute.raw_socket))
 
 
 class TransparentProxy:
-    """The loopback listener the nat rules redirect to; dials through ``routes``."""
+    """The loopback listener the nat rules redirect to; dials through ``routes``.
+
+    ``max_connections`` bounds the connections relayed at once; more are reset, and fd
+    exhaustion only slows accepting down (see :class:`~tpconf.net.TCPListener`).
+    """
 
     def __init__(
         self,
@@ -70,30 +71,37 @@ class TransparentProxy:
         host: str = "127.0.0.1",
         port: int = 0,
         dial_timeout: float = 10.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.routes = routes
         self.host = host
         self.port = port
         self.dial_timeout = dial_timeout
+        self.max_connections = max_connections
+        #: The listener while :meth:`serve` runs (its counters: active, refused, exhausted).
+        self.listener: TCPListener | None = None
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; ``task_status.started(port)`` once bound."""
-        listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port)
+        listener = TCPListener.bind(
+            self.host, self.port, name="vpn-tcp proxy", max_connections=self.max_connections
+        )
         async with listener:
-            self.port = listener.extra(SocketAttribute.local_port)
+            self.port = listener.port
             log.info("vpn-tcp proxy listening on %s:%d", self.host, self.port)
-            async with anyio.create_task_group() as tg:
-                task_status.started(self.port)
-                await listener.serve(self._handle, tg)
-
-    async def _handle(self, client: SocketStream) -> None:
-        async with client:
+            self.listener = listener
             try:
-                await self._proxy(client)
-            except Exception as exc:  # noqa: BLE001 - one connection's failure must not stop the VPN
-                log.error("vpn-tcp: %s", explain(exc).render())
+                await listener.serve(self._handle, task_status=task_status)
+            finally:
+                self.listener = None
 
-    async def _proxy(self, client: SocketStream) -> None:
+    async def _handle(self, client: ByteStream) -> None:
+        try:
+            await self._proxy(client)
+        except Exception as exc:  # noqa: BLE001 - one connection's failure must not stop the VPN
+            log.error("vpn-tcp: %s", explain(exc).render())
+
+    async def _proxy(self, client: ByteStream) -> None:
         try:
             host, port = original_destination(client.extra(SocketAttribute.raw_socket))
         except OSError as exc:
