@@ -5,6 +5,7 @@ its process group, on the real cluster."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -62,18 +63,25 @@ def test_kill_9_of_up_leaves_no_child_and_down_stops_what_the_command_left(
         assert str(mount) in Path("/proc/self/mounts").read_text()
     finally:
         up.kill()  # SIGKILL: nothing of tpconf's own cleanup runs
-    left = survivors(list(kids), timeout=10)
-    assert left == [], ({p: kids[p] for p in left}, up.output[-3000:])
-    # sshfs got SIGTERM: it unmounted before it went.
-    wait_until(lambda: str(mount) not in Path("/proc/self/mounts").read_text(), 10, "the unmount")
-    assert alive(job), "the command's job is expected to outlive it until `tpconf down`"
-    assert (tmp_path / ".tpconf" / "children.json").exists()
+    try:
+        left = survivors(list(kids), timeout=10)
+        assert left == [], ({p: kids[p] for p in left}, up.output[-3000:])
+        # sshfs got SIGTERM: it unmounted before it went.
+        wait_until(
+            lambda: str(mount) not in Path("/proc/self/mounts").read_text(), 10, "the unmount"
+        )
+        assert alive(job), "the command's job is expected to outlive it until `tpconf down`"
+        assert (tmp_path / ".tpconf" / "children.json").exists()
 
-    out = tpconf(cluster, tmp_path, "down", timeout=180)
-    assert "process group" in out and "left by tpconf up" in out, out
-    assert survivors([job]) == []
-    assert not (tmp_path / ".tpconf" / "children.json").exists()
-    assert "nothing to clean up" in tpconf(cluster, tmp_path, "down")
+        out = tpconf(cluster, tmp_path, "down", timeout=180)
+        assert "process group" in out and "left by tpconf up" in out, out
+        assert survivors([job]) == []
+        assert not (tmp_path / ".tpconf" / "children.json").exists()
+        assert "nothing to clean up" in tpconf(cluster, tmp_path, "down")
+    finally:
+        for pid in [job, *kids]:  # whatever a failed check left behind
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_clean_stop_leaves_no_child_and_no_record(
