@@ -33,7 +33,12 @@ from anyio.abc import ByteStream
 
 from tpconf.errors import ForwardFailed, HostKeyMismatch, TunnelDown, TunnelError
 from tpconf.tunnel.coalesce import MAX_COALESCE, CoalescingConnector
-from tpconf.tunnel.stream import DEFAULT_READ_LIMIT, SubsystemStream, TCPChannelStream
+from tpconf.tunnel.stream import (
+    DEFAULT_READ_LIMIT,
+    SubsystemStream,
+    TCPChannelStream,
+    UnixChannelStream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +229,28 @@ class Tunnel:
         except (asyncssh.Error, OSError) as exc:
             raise self._down(exc) from exc
         assert isinstance(session, TCPChannelStream)
+        return session
+
+    async def open_unix(self, path: str) -> ByteStream:
+        """Connect, from the agent, to the Unix socket at ``path`` in the pod (the intercept
+        router's control socket); the agent's sshd must allow stream-local forwarding."""
+        if self.closed:
+            raise self._down(ConnectionError(self._client.reason))
+        try:
+            _chan, session = await self._conn.create_unix_connection(
+                lambda: UnixChannelStream(read_limit=self._settings.read_limit), path
+            )
+        except asyncssh.ChannelOpenError as exc:
+            if self.closed:
+                raise self._down(exc) from exc
+            raise TunnelError(
+                f"the agent at {self.where} refused a connection to {path}: {exc.reason}",
+                hint="the proxy pod does not run the intercept agent (the image may be older "
+                "than this tpconf: rebuild it, docs/agent.md)",
+            ) from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise self._down(exc) from exc
+        assert isinstance(session, UnixChannelStream)
         return session
 
     async def forward_remote(

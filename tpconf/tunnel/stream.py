@@ -72,6 +72,10 @@ class TCPChannelStream(ChannelStream, asyncssh.SSHTCPSession[bytes]):
     """A ``direct-tcpip`` channel: an outbound TCP connection made by the agent."""
 
 
+class UnixChannelStream(ChannelStream, asyncssh.SSHUNIXSession[bytes]):
+    """A ``direct-streamlocal`` channel: a connection the agent makes to a Unix socket."""
+
+
 class SubsystemStream(ChannelStream, asyncssh.SSHClientSession[bytes]):
     """A session channel running a subsystem (``sftp``): its stdin and stdout as one stream.
 
