@@ -377,7 +377,8 @@ class Router:
                 return
             app = (self.app_host, app_port)
             try:
-                first = await asyncio.wait_for(reader.read(8), FIRST_BYTES_WAIT)
+                async with asyncio.timeout(FIRST_BYTES_WAIT):  # no task, unlike wait_for
+                    first = await reader.read(8)
             except TimeoutError:
                 await self._bytes_to(reader, writer, app, first=b"")
                 return
@@ -593,8 +594,14 @@ class HttpSession:
         method = request.first.split(" ", 1)[0]
         has_body = request.chunked or bool(request.length)
         up_writer.write(request.raw)
-        body = asyncio.create_task(
-            relay_body(self.reader, up_writer, chunked=request.chunked, length=request.length)
+        # The body streams while the response is read (100-continue, early answers); most
+        # requests have none, and need no task for it.
+        body = (
+            asyncio.create_task(
+                relay_body(self.reader, up_writer, chunked=request.chunked, length=request.length)
+            )
+            if has_body
+            else None
         )
         try:
             while True:
@@ -625,7 +632,8 @@ class HttpSession:
             if status == 101 or (method == "CONNECT" and 200 <= status < 300):
                 # An accepted Upgrade (WebSocket) or tunnel: the rest of the connection is bytes.
                 await self.writer.drain()
-                await body
+                if body is not None:
+                    await body
                 await splice((self.reader, self.writer), upstream)
                 self._forget(target)
                 return False
@@ -640,9 +648,10 @@ class HttpSession:
                 until_eof=until_eof,
             )
             await self.writer.drain()
-            await body
+            if body is not None:
+                await body
         finally:
-            if not body.done():
+            if body is not None and not body.done():
                 body.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await body
