@@ -42,14 +42,17 @@ def kubeconfig() -> str | None:
     return os.environ.get("KUBECONFIG")
 
 
-def kubectl(*args: str, timeout: float = 60.0, check: bool = True) -> str:
-    """Run kubectl; return stdout."""
+def kubectl(
+    *args: str, timeout: float = 60.0, check: bool = True, input_text: str | None = None
+) -> str:
+    """Run kubectl (``input_text`` on its stdin); return stdout."""
     cmd = [KUBECTL]
     if kubeconfig():
         cmd += ["--kubeconfig", str(kubeconfig())]
     result = subprocess.run(
-        [*cmd, *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
+        [*cmd, *args], input=input_text, capture_output=True, text=True, timeout=timeout,
+        check=False,
+    )  # fmt: skip
     if check and result.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
     return result.stdout

@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from bench import dns, loopback, net, startup, transport, tuning, up, vpn
+from bench import dns, intercept, loopback, net, startup, transport, tuning, up, vpn
 from bench.context import FULL, QUICK, Bench
 from bench.kube import bench_namespace
 
@@ -46,6 +46,7 @@ MEASUREMENTS: list[tuple[str, Measure]] = [
     ("up", up.tpconf_up),
     ("reload", up.hot_reload),
     ("volumes", up.volumes),
+    ("intercept", intercept.intercept),
 ]
 GROUPS = {"rtt": "net", "bulk": "net", "concurrency": "net"}
 #: Measurements with vpn-tcp variants: the laptop namespace (bench.vpn) runs from before the
