@@ -137,8 +137,8 @@ deployments:
         status = tpconf(cluster, tmp_path, "status")
         assert "quickstart" in status and "inject-tcp" in status
         dotenv = tpconf(cluster, tmp_path, "env", "quickstart")
-        assert re.search(r'^KUBERNETES_SERVICE_HOST="10\.', dotenv, re.MULTILINE), dotenv
-        assert 'FROM_THE_FILE="yes-it-is"' in dotenv
+        assert re.search(r"^KUBERNETES_SERVICE_HOST='10\.", dotenv, re.MULTILINE), dotenv
+        assert "FROM_THE_FILE='yes-it-is'" in dotenv
         as_json = json.loads(tpconf(cluster, tmp_path, "env", "quickstart", "--format", "json"))
         assert as_json["TELEPRESENCE_POD"].startswith("quickstart-")
     finally:
@@ -213,7 +213,7 @@ deployments:
         assert "MYENV=hello-from-the-pod" in env
         assert re.search(r"^KUBERNETES_SERVICE_HOST=\d", env, re.MULTILINE)
         exported = file_text(tmp_path / "web.env")
-        assert 'MULTILINE="line one\\nline two"' in exported
+        assert "MULTILINE='line one\nline two'" in exported  # bash reads it back as it was
         assert (tmp_path / "web.env").stat().st_mode & 0o777 == 0o600
         assert replicas(cluster, ns, "web") == "0"
     finally:

@@ -4,7 +4,11 @@ Precedence, lowest first (Telepresence 1's order, with the file's overrides on t
 
 1. the local environment of ``tpconf`` (so ``PATH``, ``HOME``, ``TERM`` … keep working);
 2. the pod's environment, except ``HOME``, ``PATH`` and ``HOSTNAME``, which describe the
-   container and would break a local program (Telepresence 1 removed the same three);
+   container and would break a local program (Telepresence 1 removed the same three), and
+   except the variables that change how local programs load or start (:data:`STARTUP_VARIABLES`,
+   :data:`STARTUP_PREFIXES`: ``LD_PRELOAD``, ``BASH_ENV``, ``PROMPT_COMMAND``, ``SHELL``,
+   ``PYTHONSTARTUP``, ``NODE_OPTIONS`` …): a pod's value there would run code, or load it, in
+   every program the process starts on this machine. Naming one in ``env.set`` sets it;
 3. ``TELEPRESENCE_POD``, ``TELEPRESENCE_CONTAINER``, ``TELEPRESENCE_MOUNTS`` (the pod's mount
    points joined with ``:``) and ``TELEPRESENCE_ROOT`` (only when the volumes are mounted, as
    Telepresence 1 set it only after mounting);
@@ -13,9 +17,23 @@ Precedence, lowest first (Telepresence 1's order, with the file's overrides on t
 :func:`pod_environment` is layers 2-4: what ``env.export`` and ``tpconf env NAME`` show.
 :func:`process_environment` puts layer 1 below it.
 
-The dotenv writer differs from Telepresence 1 on purpose: v1 wrote values unquoted and skipped
-multi-line ones; here every value is double-quoted and escaped as Docker Compose reads it, so
-multi-line values, quotes and ``$`` survive.
+**The dotenv file is safe to source** (``set -a; . FILE`` in bash or sh): whatever a value holds,
+sourcing it sets the variable to exactly that value and runs nothing. Values are single-quoted,
+which bash, Docker Compose's ``env_file`` and python-dotenv all read literally (dollars,
+backticks, ``$(...)``, double quotes and newlines included). A value that cannot be written so
+(it holds a single quote, a carriage return or two backslashes in a row, or ends in a backslash)
+is double-quoted, with a backslash before each backslash, double quote, dollar and backtick:
+bash's own escapes. Keys must be shell names (letters, digits, ``_``, not starting with a
+digit): bash runs any other ``KEY=VALUE`` line as a command, so a dotenv export refuses it (JSON
+takes every key). Telepresence 1 wrote values unquoted; tpconf's first writer escaped newlines
+as backslash-n, which bash reads as two characters, and left backticks to run.
+
+Where the other readers differ (measured with python-dotenv and compose-go in
+``tests/supervisor/test_env.py``): python-dotenv replaces ``${NAME}`` in any value unless it
+reads with ``interpolate=False``; in a double-quoted value it keeps the backslash before a
+dollar or a backtick and reads a carriage return as a newline; Compose keeps the backslash
+before a backtick. Single-quoted values (all but the four cases above) read back the same
+everywhere, but for python-dotenv's ``${NAME}``.
 """
 
 from __future__ import annotations
@@ -28,29 +46,78 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
+from tpconf.errors import ProcessError
+
 __all__ = [
     "EXCLUDED_POD_VARIABLES",
+    "STARTUP_PREFIXES",
+    "STARTUP_VARIABLES",
+    "DotenvError",
     "ExportFormat",
     "from_dotenv",
     "pod_environment",
     "process_environment",
+    "starts_programs",
     "telepresence_variables",
     "to_dotenv",
     "to_json",
+    "withheld_variables",
     "write_export",
 ]
 
 #: Pod variables that describe the container rather than the application.
 EXCLUDED_POD_VARIABLES = frozenset({"HOME", "PATH", "HOSTNAME"})
 
+#: Pod variables that change how local programs load or start: the dynamic loader's, what a
+#: shell runs at start or at each prompt, and what makes an interpreter load code first. The
+#: pod's values are not passed on; ``env.set`` can set them.
+STARTUP_VARIABLES = frozenset(
+    {
+        # the C library and the dynamic loader
+        "GLIBC_TUNABLES", "GCONV_PATH", "LOCPATH", "NLSPATH", "MALLOC_CONF",
+        # shells: start-up files, prompts that run commands, parsing, the shell itself
+        "BASH_ENV", "ENV", "ZDOTDIR", "PROMPT_COMMAND", "PS0", "PS1", "PS2", "PS3", "PS4",
+        "SHELLOPTS", "BASHOPTS", "IFS", "CDPATH", "SHELL",
+        # interpreters that load code named by a variable
+        "PYTHONSTARTUP", "PYTHONHOME", "PYTHONPATH", "PYTHONINSPECT", "PYTHONUSERBASE",
+        "PERL5OPT", "PERL5LIB", "PERLLIB", "PERL5DB", "RUBYOPT", "RUBYLIB",
+        "NODE_OPTIONS", "NODE_PATH", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS",
+        # programs that run other programs on your behalf
+        "LESSOPEN", "LESSCLOSE", "GIT_SSH", "GIT_SSH_COMMAND", "GIT_EXEC_PATH", "GIT_ASKPASS",
+        "SSH_ASKPASS", "SUDO_ASKPASS", "EDITOR", "VISUAL", "PAGER", "BROWSER",
+    }
+)  # fmt: skip
+
+#: Prefixes of such variables: the loader's (``LD_PRELOAD``, ``LD_LIBRARY_PATH``, ``LD_AUDIT``;
+#: ``DYLD_*`` on macOS) and functions bash imports from its environment (``BASH_FUNC_name%%``).
+STARTUP_PREFIXES = ("LD_", "DYLD_", "BASH_FUNC_")
+
 ExportFormat = Literal["dotenv", "json"]
 
-#: Keys a dotenv file can hold: letters, digits, ``_``, ``.`` and ``-``, not starting with a
-#: digit, ``.`` or ``-``. Kubernetes allows a few more; those can only be exported as JSON.
-_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+#: Keys a dotenv file can hold: shell names. bash runs ``a.b=1`` as a command.
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-_ESCAPES = {"\\": "\\\\", '"': '\\"', "$": "\\$", "\n": "\\n", "\r": "\\r"}
-_UNESCAPES = {"\\": "\\", '"': '"', "$": "$", "n": "\n", "r": "\r", "t": "\t"}
+#: What bash unescapes in a double-quoted word (and Compose and python-dotenv mostly too).
+_DOUBLE_ESCAPES = {"\\": "\\\\", '"': '\\"', "$": "\\$", "`": "\\`"}
+
+
+class DotenvError(ProcessError, ValueError):
+    """Raised when an environment cannot be written as a dotenv file (a key that is no shell
+    name, a NUL in a value)."""
+
+
+def starts_programs(name: str) -> bool:
+    """Whether variable ``name`` changes how local programs load or start (see
+    :data:`STARTUP_VARIABLES`)."""
+    return name in STARTUP_VARIABLES or name.startswith(STARTUP_PREFIXES)
+
+
+def withheld_variables(
+    pod_env: Mapping[str, str], overrides: Mapping[str, str] | None = None
+) -> list[str]:
+    """The pod's variables that :func:`pod_environment` leaves out because they change how
+    programs start, sorted; those ``overrides`` set are not counted (the file sets them)."""
+    return sorted(k for k in pod_env if starts_programs(k) and k not in (overrides or {}))
 
 
 def telepresence_variables(
@@ -85,8 +152,13 @@ def pod_environment(
     mounts: Iterable[str] = (),
     overrides: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The pod's side of the environment: pod env, ``TELEPRESENCE_*``, then ``overrides``."""
-    env = {k: v for k, v in pod_env.items() if k not in EXCLUDED_POD_VARIABLES}
+    """The pod's side of the environment: pod env (less the container's own variables and
+    those that change how programs start), ``TELEPRESENCE_*``, then ``overrides``."""
+    env = {
+        k: v
+        for k, v in pod_env.items()
+        if k not in EXCLUDED_POD_VARIABLES and not starts_programs(k)
+    }
     env.update(telepresence_variables(pod=pod, container=container, root=root, mounts=mounts))
     env.update(overrides or {})
     return env
@@ -100,37 +172,50 @@ def process_environment(local: Mapping[str, str], pod_side: Mapping[str, str]) -
 
 def _check_key(key: str) -> None:
     if not _KEY.fullmatch(key):
-        raise ValueError(
-            f"environment variable name {key!r} cannot be written to a dotenv file "
-            "(letters, digits, `_`, `.` and `-` only, not starting with a digit): use JSON"
+        raise DotenvError(
+            f"the environment has a variable named {key!r}, which is not a shell name (letters, "
+            "digits and `_`, not starting with a digit): a dotenv file cannot hold it, since "
+            "sourcing the file would run it as a command",
+            hint="export the environment as JSON instead: `env.export: {file: FILE.json}` in "
+            "telepresence.yaml, or `tpconf env NAME --format json`",
         )
 
 
-def to_dotenv(mapping: Mapping[str, str], *, header: str | None = None) -> str:
-    """Write ``mapping`` as a Docker Compose ``.env`` file, sorted by key.
+def _dotenv_value(value: str) -> str:
+    """``value`` as written after ``KEY=``: a word bash reads back as exactly ``value``."""
+    if "'" in value or "\r" in value or "\\\\" in value or value.endswith("\\"):
+        return '"' + "".join(_DOUBLE_ESCAPES.get(char, char) for char in value) + '"'
+    return f"'{value}'"
 
-    Every value is double-quoted; backslash, double quote, ``$``, newline and carriage return
-    are escaped (``\\\\ \\" \\$ \\n \\r``), so Compose reads the value back exactly and does not
-    interpolate it. ``header`` becomes ``#`` comment lines at the top. Raises ``ValueError`` for
-    a key a dotenv file cannot hold, or a value with a NUL character.
+
+def to_dotenv(mapping: Mapping[str, str], *, header: str | None = None) -> str:
+    """Write ``mapping`` as a dotenv file that is safe to source, sorted by key.
+
+    Sourcing it in bash or sh sets each variable to exactly its value and runs nothing (see
+    the module docstring for the quoting, and where Compose and python-dotenv differ).
+    ``header`` becomes ``#`` comment lines at the top. Raises :class:`DotenvError` for a key
+    that is not a shell name or a value with a NUL character.
     """
     lines = [f"# {line}".rstrip() for line in header.splitlines()] if header else []
     for key in sorted(mapping):
         _check_key(key)
         value = mapping[key]
         if "\0" in value:
-            raise ValueError(f"the value of {key} contains a NUL character")
-        escaped = "".join(_ESCAPES.get(char, char) for char in value)
-        lines.append(f'{key}="{escaped}"')
+            raise DotenvError(
+                f"the value of {key} contains a NUL character, which no environment can hold",
+                hint="export the environment as JSON instead: `env.export: {file: FILE.json}`",
+            )
+        lines.append(f"{key}={_dotenv_value(value)}")
     return "".join(line + "\n" for line in lines)
 
 
 def from_dotenv(text: str) -> dict[str, str]:
-    """Read a file written by :func:`to_dotenv`.
+    """Read a dotenv file as bash would source it (for the forms :func:`to_dotenv` writes).
 
-    It accepts what :func:`to_dotenv` writes, plus blank lines, ``#`` comments, an ``export``
-    prefix, single-quoted (literal) and unquoted values. It does not interpolate ``$VAR``.
-    Raises ``ValueError`` with the line number on anything else.
+    Accepts blank lines, ``#`` comments, an ``export`` prefix, single-quoted values (literal,
+    across lines), double-quoted values (``\\\\ \\" \\$ \\```` are escapes, any other
+    backslash is itself) and unquoted values (to the end of the line or a `` #`` comment). It
+    does not expand ``$VAR``. Raises ``ValueError`` with the line number on anything else.
     """
     env: dict[str, str] = {}
     pos, line, end = 0, 1, len(text)
@@ -179,16 +264,10 @@ def _quoted(text: str, pos: int, quote: str, line: int) -> tuple[str, int, int]:
         char = text[pos]
         if char == quote:
             return "".join(out), pos + 1, line
-        if char == "\\" and pos + 1 < len(text):
-            following = text[pos + 1]
-            if quote == '"' and following in _UNESCAPES:
-                out.append(_UNESCAPES[following])
-                pos += 2
-                continue
-            if quote == "'" and following == "'":
-                out.append("'")
-                pos += 2
-                continue
+        if quote == '"' and char == "\\" and text[pos + 1 : pos + 2] in _DOUBLE_ESCAPES:
+            out.append(text[pos + 1])
+            pos += 2
+            continue
         if char == "\n":
             line += 1
         out.append(char)
@@ -212,11 +291,28 @@ def write_export(
 
     The environment holds Secrets, so the file is created 0600 in the target directory, written,
     flushed to disk and renamed over ``path``: a reader sees the old file or the new one, never
-    a half-written one, and an existing file's wider mode is not kept. Blocking: call it through
-    ``anyio.to_thread.run_sync`` from async code. ``header`` is used for dotenv only.
+    a half-written one, and an existing file's wider mode is not kept. A missing directory is
+    created (0700: it will hold Secrets). Blocking: call it through ``anyio.to_thread.run_sync``
+    from async code. ``header`` is used for dotenv only. Raises :class:`DotenvError` for what a
+    dotenv file cannot hold and :class:`~tpconf.errors.ProcessError` when the file cannot be
+    written.
     """
     target = Path(path)
     text = to_dotenv(mapping, header=header) if format == "dotenv" else to_json(mapping)
+    try:
+        missing = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
+        for directory in reversed(missing):  # mkdir(parents=True) would ignore the mode
+            directory.mkdir(mode=0o700, exist_ok=True)
+        return _replace(target, text)
+    except OSError as exc:
+        raise ProcessError(
+            f"cannot write the environment to {target}: {exc.strerror or exc}",
+            hint="change `env.export` in telepresence.yaml to a path you can write",
+        ) from exc
+
+
+def _replace(target: Path, text: str) -> Path:
+    """Write ``text`` to a 0600 temporary file beside ``target`` and rename it over it."""
     fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:

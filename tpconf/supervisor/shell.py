@@ -1,10 +1,11 @@
 """``shell: true``: an interactive shell on the terminal, in one deployment's environment.
 
-The shell is the user's ``$SHELL`` (then ``/bin/bash``, then ``/bin/sh``), attached to tpconf's
-own stdin, stdout and stderr. It is *not* put in a new session: an interactive shell with job
-control moves itself into its own process group and takes the terminal's foreground, so Ctrl-C
-and Ctrl-Z reach the shell and its jobs, not tpconf. When it ends, tpconf takes the foreground
-back if the shell did not give it back (it was killed).
+The shell is the user's own ``$SHELL`` (tpconf's environment, never the pod's; then
+``/bin/bash``, then ``/bin/sh``), attached to tpconf's own stdin, stdout and stderr. It is *not*
+put in a new session: an interactive shell with job control moves itself into its own process
+group and takes the terminal's foreground, so Ctrl-C and Ctrl-Z reach the shell and its jobs,
+not tpconf. When it ends, tpconf takes the foreground back if the shell did not give it back
+(it was killed).
 
 The prompt names the deployment:
 
@@ -61,9 +62,12 @@ def _runnable(path: str | None) -> bool:
     return bool(path) and os.path.isabs(path or "") and os.access(path or "", os.X_OK)
 
 
-def choose_shell(env: Mapping[str, str], shell: str | None = None) -> str:
-    """``shell``, else ``$SHELL`` of ``env`` or of tpconf, else ``/bin/bash``, else ``/bin/sh``."""
-    for candidate in (shell, env.get("SHELL"), os.environ.get("SHELL"), *_FALLBACKS):
+def choose_shell(local: Mapping[str, str] | None = None, shell: str | None = None) -> str:
+    """``shell``, else ``$SHELL`` of the local environment (``local``, by default tpconf's own),
+    else ``/bin/bash``, else ``/bin/sh``. Never the pod's ``SHELL``: the container's shell may
+    not exist here, or be a program the pod chose to run on this machine."""
+    local = os.environ if local is None else local
+    for candidate in (shell, local.get("SHELL"), *_FALLBACKS):
         if candidate and _runnable(candidate):
             return candidate
     raise ProcessError("no shell found", hint="set $SHELL to the path of your shell")
@@ -154,7 +158,7 @@ async def run_shell(
     ``task_status.started(pid)`` is called once the shell runs. On cancellation the shell gets
     SIGHUP, then SIGKILL, and the terminal is taken back; the cancellation is re-raised.
     """
-    program = choose_shell(env, shell)
+    program = choose_shell(os.environ, shell)
     if wrapper and not _runnable(wrapper[0]):
         raise ProcessError(
             f"{name}: {wrapper[0]} (the method's wrapper) is not installed",
