@@ -94,7 +94,8 @@ async def test_inject_tcp_runs_a_socks_server_and_wraps_the_process_with_torsock
             async with await anyio.connect_tcp("127.0.0.1", port):
                 pass  # the SOCKS server listens on loopback
             with outbound.launch() as launch:
-                assert launch.prefix[0].endswith("torsocks")
+                assert launch.prefix == ()  # torsocks's library is preloaded, no script runs
+                assert "libtorsocks" in launch.env["LD_PRELOAD"]
                 config = anyio.Path(launch.env["TORSOCKS_CONF_FILE"])
                 assert f"TorPort {port}" in await config.read_text()
             assert not await config.exists()

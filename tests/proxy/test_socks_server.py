@@ -219,6 +219,18 @@ async def test_resolve_ptr_of_a_cluster_address_asks_the_cluster(socks: SocksSer
     assert reply == (Reply.SUCCEEDED, "hello.default.svc.cluster.local", 0)
 
 
+async def test_resolve_ptr_of_an_address_without_a_name_answers_the_address_as_a_name(
+    socks: SocksServer,
+) -> None:
+    """An error here makes torsocks hand the program the previous lookup's name."""
+    with anyio.fail_after(2):
+        async with await anyio.connect_tcp("127.0.0.1", socks.port) as stream:
+            await stream.send(b"\x05\x01\x00" + request(0xF1, "10.96.9.9", 0))
+            raw = await read_all(BufferedByteReceiveStream(stream))
+    # ATYP domain (3), even for an address: torsocks refuses an address in a RESOLVE_PTR reply
+    assert raw == b"\x05\x00" + b"\x05\x00\x00\x03\x09" + b"10.96.9.9" + b"\x00\x00"
+
+
 async def test_unknown_address_type_and_auth_methods_are_refused(socks: SocksServer) -> None:
     with anyio.fail_after(2):
         async with await anyio.connect_tcp("127.0.0.1", socks.port) as stream:

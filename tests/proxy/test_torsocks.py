@@ -177,3 +177,18 @@ async def test_python_http_server_starts_under_torsocks_and_is_reachable(
                 process.kill()
                 with anyio.CancelScope(shield=True):
                     await process.wait()
+
+
+async def test_a_failed_reverse_lookup_after_a_good_one_is_not_given_the_earlier_name(
+    torsocks_env: dict[str, str],
+) -> None:
+    """torsocks 2.3 turned a failed RESOLVE_PTR into the previous lookup's name, and printed an
+    ERROR line; the SOCKS server answers an address without a name with the address."""
+    script = (
+        "import socket\n"
+        f"print(socket.gethostbyaddr('{HELLO_IP}')[0])\n"
+        "print(socket.gethostbyaddr('10.96.9.9')[0])\n"
+    )
+    code, out, err = await run([sys.executable, "-c", script], torsocks_env)
+    assert (code, out) == (0, "hello.default.svc.cluster.local\n10.96.9.9\n"), err
+    assert "ERROR" not in err

@@ -23,6 +23,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from tpconf.errors import ProcessError
 from tpconf.supervisor.torsocks import (
     find_torsocks,
+    find_torsocks_library,
     prepare_torsocks,
     torsocks_config,
     torsocks_wrapper,
@@ -31,6 +32,10 @@ from tpconf.supervisor.torsocks import (
 needs_torsocks = pytest.mark.skipif(
     shutil.which("torsocks") is None, reason="the Debian package torsocks is not installed"
 )
+
+
+#: The recorder answers CONNECTs to this port "connection refused", others "succeeded".
+REFUSED_PORT = 9
 
 
 class Socks5Recorder:
@@ -55,7 +60,8 @@ class Socks5Recorder:
                 host = (await data.receive_exactly((await data.receive_exactly(1))[0])).decode()
             port = int.from_bytes(await data.receive_exactly(2), "big")
             self.requests.append((command, host, port))
-            await stream.send(b"\x05\x00\x00\x01" + bytes(6))
+            code = 5 if port == REFUSED_PORT else 0  # 5: connection refused
+            await stream.send(bytes((5, code, 0, 1)) + bytes(6))
 
 
 @pytest.fixture
@@ -81,18 +87,49 @@ def test_the_config_points_at_the_socks_port_and_allows_inbound_and_localhost() 
         torsocks_config(0)
 
 
-def test_the_wrapper_lives_in_a_private_directory_removed_afterwards(tmp_path: Path) -> None:
-    fake = tmp_path / "torsocks"
-    fake.write_text('#!/bin/sh\nexec "$@"\n')
-    fake.chmod(0o755)
+def fake_torsocks(directory: Path, *, library: bool = True) -> Path:
+    """A script laid out like Debian's torsocks, naming a library in ``directory``."""
+    script = directory / "torsocks"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"prefix={directory}\n"
+        'LIBDIR="${prefix}/lib/torsocks"\n'
+        'LIB_NAME="libtorsocks"\n'
+        'SHLIB_EXT="so"\n'
+        'SHLIB="${LIBDIR}/${LIB_NAME}.${SHLIB_EXT}"\n'
+        'exec "$@"\n'
+    )
+    script.chmod(0o755)
+    if library:
+        (directory / "lib" / "torsocks").mkdir(parents=True)
+        (directory / "lib" / "torsocks" / "libtorsocks.so").write_bytes(b"")
+    return script
+
+
+def test_the_wrapper_lives_in_a_private_directory_removed_afterwards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = fake_torsocks(tmp_path)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libmine.so")
+    monkeypatch.delenv("TORSOCKS_LOG_LEVEL", raising=False)
     with torsocks_wrapper(41234, torsocks=str(fake)) as wrapper:
         directory = wrapper.config_file.parent
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
         assert stat.S_IMODE(wrapper.config_file.stat().st_mode) == 0o600
         assert "TorPort 41234\n" in wrapper.config_file.read_text()
-        assert wrapper.argv == (str(fake),)
-        assert wrapper.env == {"TORSOCKS_CONF_FILE": str(wrapper.config_file)}
+        assert wrapper.argv == ()  # the script is not run: the library is preloaded
+        assert wrapper.env == {
+            "LD_PRELOAD": f"{tmp_path}/lib/torsocks/libtorsocks.so:/usr/lib/libmine.so",
+            "TORSOCKS_CONF_FILE": str(wrapper.config_file),
+            "TORSOCKS_LOG_LEVEL": "1",
+        }
     assert not directory.exists()
+
+
+def test_a_torsocks_without_its_library_names_the_package_to_install(tmp_path: Path) -> None:
+    with pytest.raises(ProcessError, match="libtorsocks") as info:
+        find_torsocks_library(str(fake_torsocks(tmp_path, library=False)))
+    assert "install the Debian/Ubuntu package `torsocks`" in (info.value.hint or "")
 
 
 def test_missing_torsocks_names_the_package_to_install(tmp_path: Path) -> None:
@@ -149,3 +186,45 @@ async def test_a_wrapped_process_can_listen_and_accept_locally(
                 assert await client.receive() == b"hello from the wrapped process"
             assert await process.wait() == 0
     assert socks.requests == []
+
+
+@needs_torsocks
+@pytest.mark.anyio
+async def test_a_command_named_sh_runs_under_the_wrapper(
+    socks: Socks5Recorder, tmp_path: Path
+) -> None:
+    """`run: [sh, -c, ...]`: the torsocks script took `sh` for its own `show` and ran nothing."""
+    connect = "import socket; socket.create_connection(('10.99.0.2', 81), timeout=5).close()"
+    wrapper = prepare_torsocks(socks.port, tmp_path)
+    argv = [*wrapper.argv, "sh", "-c", f'"$0" -c "{connect}" && echo ran', sys.executable]
+    with anyio.fail_after(20):
+        done = await anyio.run_process(argv, env={**os.environ, **wrapper.env}, check=False)
+    assert (done.returncode, done.stdout) == (0, b"ran\n"), done.stderr.decode()
+    assert socks.requests == [(1, "10.99.0.2", 81)]
+
+
+@needs_torsocks
+@pytest.mark.anyio
+async def test_torsocks_prints_nothing_on_the_programs_terminal_unless_asked(
+    socks: Socks5Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code = (
+        "import socket\n"
+        "try:\n"
+        f"    socket.create_connection(('10.99.0.3', {REFUSED_PORT}), timeout=5)\n"
+        "except OSError as exc:\n"
+        "    print(type(exc).__name__)\n"
+    )
+    stderr = {}
+    for level in (None, "2"):  # tpconf's default, then the user asking for errors
+        if level is None:
+            monkeypatch.delenv("TORSOCKS_LOG_LEVEL", raising=False)
+        else:
+            monkeypatch.setenv("TORSOCKS_LOG_LEVEL", level)
+        argv, env = await wrapped(code, tmp_path, socks.port)
+        with anyio.fail_after(20):
+            done = await anyio.run_process(argv, env=env, check=False)
+        assert done.stdout == b"ConnectionRefusedError\n", done.stderr.decode()
+        stderr[level] = done.stderr.decode()
+    assert stderr[None] == ""
+    assert "ERROR torsocks" in stderr["2"]

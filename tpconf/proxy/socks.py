@@ -11,6 +11,8 @@ CONNECT to a domain name, an IPv4 or an IPv6 address; Tor's RESOLVE (0xF0) and R
 * Loopback stays local: ``localhost``, 127.0.0.0/8 and ::1 are connected from this machine, and a
   RESOLVE_PTR of a loopback address is answered ``localhost`` without asking the cluster
   (``python3 -m http.server`` asks for 127.0.0.1 at start-up and hangs forever without a reply).
+* A RESOLVE_PTR the cluster has no name for is answered with the address itself (torsocks
+  would otherwise hand the program a stale name, see :meth:`SocksServer._resolve_ptr`).
 * Every request gets a reply at once, an error code at worst; a connection's failure is logged
   and never reaches the server.
 * The relay propagates half-close: EOF from one side is passed on with ``send_eof`` and the other
@@ -167,17 +169,22 @@ def build_method_selection(method: int) -> bytes:
     return bytes((VERSION, method))
 
 
-def build_reply(reply: Reply, host: str | None = None, port: int = 0) -> bytes:
+def build_reply(
+    reply: Reply, host: str | None = None, port: int = 0, *, name: bool = False
+) -> bytes:
     """``VER REP RSV ATYP BND.ADDR BND.PORT``; ``host`` is an address or a name (RESOLVE_PTR).
 
     Without ``host`` the bound address is 0.0.0.0: clients ignore it on errors, and through the
-    cluster the real one is not known.
+    cluster the real one is not known. With ``name``, ``host`` is sent as a name (ATYP domain)
+    even when it is an address: a RESOLVE_PTR reply must carry a name.
     """
     try:
+        if name:
+            raise ValueError("sent as a name")
         address = ipaddress.ip_address(host or "0.0.0.0")
     except ValueError:
-        name = (host or "").encode("utf-8")[:255]
-        body = bytes((AddressType.DOMAIN, len(name))) + name
+        encoded = (host or "").encode("utf-8")[:255]
+        body = bytes((AddressType.DOMAIN, len(encoded))) + encoded
     else:
         atyp = AddressType.IPV4 if address.version == 4 else AddressType.IPV6
         body = bytes((atyp,)) + address.packed
@@ -359,13 +366,25 @@ class SocksServer:
         return await _first_answer("RESOLVE", host, self.resolver.addresses(host))
 
     async def _resolve_ptr(self, request: Request) -> bytes:
-        """RESOLVE_PTR: the name in BND.ADDR (ATYP domain); loopback is ``localhost``."""
+        """RESOLVE_PTR: the name in BND.ADDR (ATYP domain); loopback is ``localhost``.
+
+        An address without a name is answered with itself, never with an error: torsocks 2.3
+        turns an error into a "success" that carries the name of the process's previous reverse
+        lookup (measured: ``gethostbyaddr`` of an unknown address returned the earlier address's
+        name), and prints an ERROR line on the program's terminal. The address as its own name
+        is what torsocks means to return then, and what ``getnameinfo`` gives without a name.
+        """
         address = _literal(request.host)
         if address is None:
             return build_reply(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
         if is_loopback(address):
             return build_reply(Reply.SUCCEEDED, "localhost")
-        return await _first_answer("RESOLVE_PTR", address, self.resolver.reverse(address))
+        try:
+            names = await self.resolver.reverse(address)
+        except ResolveError as exc:
+            log.debug("SOCKS RESOLVE_PTR %s: %s; answered with the address", address, exc)
+            names = []
+        return build_reply(Reply.SUCCEEDED, names[0] if names else address, name=True)
 
 
 async def _first_answer(
