@@ -25,6 +25,7 @@ from tests.e2e.harness import (
     container,
     deploy,
     deployment,
+    pod,
     run_tpconf,
     tools_pod,
     tpconf,
@@ -74,6 +75,10 @@ LOCAL = textwrap.dedent(
 )
 
 
+#: What Pod Security `restricted` asks of every container.
+RESTRICTED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
 def web(replicas: int = 2, *, sidecar: dict[str, Any] | None = None) -> dict[str, Any]:
     """The team's Deployment `web` (named port `http`), rolling updates without downtime."""
     main = container(
@@ -83,13 +88,18 @@ def web(replicas: int = 2, *, sidecar: dict[str, Any] | None = None) -> dict[str
         ports=[8080],
         readinessProbe={"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
         lifecycle={"preStop": {"sleep": {"seconds": 3}}},
+        securityContext=RESTRICTED,
     )
     main["ports"][0]["name"] = "http"
     manifest = deployment(
         "web",
         containers=[main, *([sidecar] if sidecar else [])],
         replicas=replicas,
-        securityContext={"runAsNonRoot": True, "runAsUser": 1000},
+        securityContext={
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
     )
     manifest["spec"]["strategy"] = {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     return manifest
@@ -232,11 +242,23 @@ def ups(cluster: E2ECluster) -> Iterator[Callable[[Path], Up]]:
 
 @pytest.fixture
 def team(cluster: E2ECluster, namespace: str) -> str:
-    """The team's `web` (2 replicas) and a client pod; the name of its ReplicaSet."""
-    deploy(cluster, namespace, web(), web_service())
-    tools_pod(cluster, namespace)
+    """The team's `web` (2 replicas) and a client pod, in a namespace that enforces Pod
+    Security `restricted` (the sidecar must keep the pods admitted); its ReplicaSet's name."""
+    cluster.kubectl(
+        "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
+    )
+    client = pod(
+        "client",
+        securityContext={
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    )
+    client["spec"]["containers"][0]["securityContext"] = RESTRICTED
+    deploy(cluster, namespace, web(), web_service(), client)
     (rs,) = replica_sets(cluster, namespace)
-    assert curl(cluster, namespace).startswith("app web-")
+    answers(cluster, namespace, "x-any: 1", "app web-")  # the endpoints are published
     return rs
 
 
@@ -265,6 +287,8 @@ def test_an_intercept_with_headers_takes_only_matching_requests_and_nobody_loses
         up.wait_for(r"^web\s+ready", timeout=300)
         answers(cluster, namespace, "x-dev-user: alice", "alice ")
         assert curl(cluster, namespace, "x-dev-user: alice") == "alice hello-from-the-pod"
+        env = json.loads(tpconf(cluster, alice, "env", "web", "--format", "json"))
+        assert env["TELEPRESENCE_CONTAINER"] == "main"
         assert curl(cluster, namespace).startswith("app web-")
         assert curl(cluster, namespace, "x-dev-user: bob").startswith("app web-")
         # A hot edit of the headers: no pod restarts, the new value routes at once.

@@ -398,6 +398,7 @@ async def intercept(cluster: Cluster, req: ProxyRequest, *, progress: Progress =
             container=M.AGENT_CONTAINER,
             ports=tuple(ports),
             intercepted=tuple(ports.items()),
+            workload=container,
             shared_keys=keys,
         )
         if int(written["spec"].get("replicas", 1)) == 0:

@@ -104,6 +104,9 @@ class Proxy:
     swapped: str | None = None
     intercepted: tuple[tuple[int, int], ...] = ()
     """``intercept``: (container port, the agent's port in front of it) pairs."""
+    workload: str | None = None
+    """The container whose env and volumes the local process gets, when it is not the agent's
+    own (``intercept``: the app container beside it); ``TELEPRESENCE_CONTAINER``."""
     shared_keys: Mapping[str, str] | None = field(default=None, repr=False)
     """``intercept``: the keys every developer of the Deployment uses (from its Secret)."""
 

@@ -129,6 +129,9 @@ class LinkStatus:
 
     pod: cluster.PodRef
     state: TunnelState = TunnelState.CONNECTING
+    workload: str | None = None
+    """The container the process stands in for, when it is not the agent's (an intercept's
+    app container)."""
 
 
 @dataclass(frozen=True)
@@ -290,7 +293,7 @@ def pod_env(spec: DeploymentSpec, tunnel: TunnelReady, mounted: VolumesReady) ->
     return pod_environment(
         tunnel.pod_info.env,
         pod=pod.pod,
-        container=pod.container,
+        container=tunnel.link.workload or pod.container,
         root=str(mounted.root) if mounted.root is not None else None,
         mounts=mounted.mounts,
         overrides=spec.env.as_dict(),
@@ -386,7 +389,7 @@ async def tunnel_unit(
     ctx: Context, proxy: ProxyReady, *, task_status: TaskStatus[TunnelReady]
 ) -> None:
     """Port-forward + SSH to the agent, reconnecting by itself; reads the pod info once up."""
-    link = LinkStatus(pod=proxy.pod)
+    link = LinkStatus(pod=proxy.pod, workload=proxy.proxy.workload)
 
     async def current_pod() -> PortForwardTarget:
         # A re-created pod has a new name: find the Ready one on every attempt.
