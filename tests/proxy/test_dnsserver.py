@@ -72,13 +72,67 @@ async def test_cluster_domain_names_are_answered_by_the_cluster(dns: Setup, ask:
     assert dns.upstream.questions == []
 
 
-@pytest.mark.parametrize("name", ["hello.", "Hello.Default.", "hello.default.svc."])
-async def test_short_names_are_expanded_with_the_pods_search_list(dns: Setup, name: str) -> None:
+@pytest.mark.parametrize("name", ["hello.", "Hello.Default."])
+async def test_a_service_and_service_dot_namespace_are_the_clusters_first(
+    dns: Setup, name: str
+) -> None:
     with anyio.fail_after(2):
         reply = await udp_ask(dns.port, name)
     assert str(reply.q.qname) == name  # the client's question, its case kept
     assert [(str(rr.rname), str(rr.rdata)) for rr in reply.rr] == [(name, HELLO_IP)]
     assert dns.upstream.questions == []
+
+
+async def test_other_dotted_names_go_upstream_first_and_to_the_cluster_if_it_has_no_such_name(
+    dns: Setup,
+) -> None:
+    with anyio.fail_after(2):
+        reply = await udp_ask(dns.port, "hello.default.svc.")
+    assert addresses(reply) == [HELLO_IP]
+    assert dns.upstream.questions == [("hello.default.svc.", QTYPE.A)]
+
+
+async def test_a_public_name_is_not_captured_by_a_cluster_name_it_is_a_prefix_of(
+    dns: Setup,
+) -> None:
+    """Issue 11: dotted names went to the cluster first, with the pod's search list appended,
+    so `example.com` was answered by whatever the cluster had as `example.com.<search>`."""
+    dns.cluster.add("example.com.cluster.local. 5 IN A 10.96.7.7")
+    dns.cluster.add("www.example.com.cluster.local. 5 IN A 10.96.7.8")
+    dns.upstream.add("www.example.com. 60 IN A 93.184.216.35")
+    with anyio.fail_after(2):
+        public = await udp_ask(dns.port, "example.com.")
+        www = await udp_ask(dns.port, "www.example.com.")
+    assert addresses(public) == ["93.184.216.34"]  # the upstream's: namespace `com` is absent
+    assert addresses(www) == ["93.184.216.35"]  # the upstream knows it: the cluster is not asked
+    assert dns.cluster.count("www.example.com.cluster.local.") == 0
+
+
+async def test_name_dot_namespace_of_a_namespace_that_does_not_exist_goes_upstream(
+    dns: Setup,
+) -> None:
+    dns.upstream.add("hello.elsewhere. 60 IN A 192.0.2.8")
+    with anyio.fail_after(2):
+        reply = await udp_ask(dns.port, "hello.elsewhere.")
+    assert addresses(reply) == ["192.0.2.8"]
+    assert dns.cluster.count("hello.elsewhere.svc.cluster.local.") == 0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        ".".join(["a" * 63] * 3) + ".",  # 191 characters: valid, not the cluster's
+        "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 61 + ".",  # 253: the longest
+        "under_score.",
+        "-leading-hyphen.",
+        "xn--bcher-kva.de.",
+    ],
+)
+async def test_long_and_odd_names_get_an_answer_never_an_error(dns: Setup, name: str) -> None:
+    with anyio.fail_after(2):
+        reply = await tcp_ask(dns.port, name)
+    assert reply.header.rcode == RCODE.NXDOMAIN
+    assert str(reply.q.qname).lower() == name.lower()
 
 
 async def test_srv_records_of_services(dns: Setup) -> None:
@@ -180,7 +234,7 @@ def query(name: str, qtype: str = "A", *, qid: int = 1, rd: bool = True, edns: i
     [
         HELLO,
         "hello.",
-        "_http._tcp.hello.default.",
+        "hello.default.",
         "1.1.96.10.in-addr.arpa.",
         "nosuch.default.svc.cluster.local.",
     ],

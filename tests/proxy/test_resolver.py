@@ -22,6 +22,7 @@ from tpconf.proxy.resolver import (
     ResolveTimeout,
     ServerFailure,
     SrvTarget,
+    host_name,
 )
 
 pytestmark = pytest.mark.anyio
@@ -240,3 +241,45 @@ async def test_invalid_names_are_not_found_rather_than_crashing(
         await resolver.resolve("x" * 70 + ".example.")
     with pytest.raises(NameNotFound):
         await resolver.reverse("not-an-address")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        ".".join(["a" * 63] * 4),  # 255 characters: longer than any name can be
+        "a" * 64,  # a label over 63 octets
+        "sp ace",
+        "-leading-hyphen",
+        "a..b",
+        "\x00x",
+        "é" * 60,  # IDNA cannot encode it into one label
+    ],
+)
+async def test_names_no_nameserver_can_have_are_nxdomain_at_once_without_asking(
+    resolver: ClusterResolver,
+    nameserver: FakeNameserver,
+    name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with anyio.fail_after(1), pytest.raises(NameNotFound):
+        await resolver.addresses(name)
+    assert nameserver.questions == []
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+
+
+async def test_an_idn_name_is_asked_in_its_idna_form(
+    resolver: ClusterResolver, nameserver: FakeNameserver
+) -> None:
+    nameserver.add("xn--bcher-kva.default.svc.cluster.local. 5 IN A 10.96.4.4")
+    with anyio.fail_after(2):
+        assert await resolver.addresses("bücher") == ["10.96.4.4"]
+        assert await resolver.addresses("Bücher.default.svc.cluster.local.") == ["10.96.4.4"]
+
+
+def test_host_names_are_checked_and_made_absolute_ascii() -> None:
+    assert host_name("Hello.Default") == "hello.default."
+    assert host_name("_http._tcp.hello.") == "_http._tcp.hello."
+    assert host_name("bücher.de") == "xn--bcher-kva.de."
+    assert host_name("a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 61) is not None
+    for bad in ("", ".", "a..b", "a" * 64, "x-", "a b", "a/b", "a" * 63 + ("." + "a" * 63) * 3):
+        assert host_name(bad) is None, bad

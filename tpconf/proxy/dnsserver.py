@@ -3,21 +3,32 @@
 Owns :class:`DnsServer`, UDP and TCP on 127.0.0.1 (one port for both). The machine's DNS
 traffic is redirected to it for the session (that is the VPN's job, not this module's).
 
-Which names are the cluster's (the rule, in order):
+Which names are the cluster's (the rules, in order). The machine's own resolver sends a short
+name here as it is (``hello.``, ``hello.default.``) once its own search list has failed:
 
-1. names under the cluster domain (``cluster.local``), asked as they are;
+1. names under the cluster domain (``cluster.local``, so ``*.svc.cluster.local``), asked as
+   they are;
 2. reverse names (``in-addr.arpa``, ``ip6.arpa``) of addresses in the routed networks;
-3. names with fewer dots than the pod's ``ndots`` that exist in the cluster once one of the
-   pod's search domains is appended: ``hello`` and ``hello.default`` (which the machine's own
-   resolver sends here as ``hello.`` and ``hello.default.`` after its own search list fails).
-   The answer comes back under the name the client asked. "Exists" includes NODATA, so an AAAA
-   question for an IPv4-only Service gets an empty answer, not the upstream's NXDOMAIN.
+3. a single label (``hello``) that exists in the cluster once one of the pod's search domains
+   is appended;
+4. ``NAME.NAMESPACE`` (one dot) when the namespace exists in the cluster (its
+   ``NAMESPACE.svc.<cluster domain>`` exists) and so does ``NAME.NAMESPACE.svc.<cluster domain>``;
+5. any other name with dots goes upstream first, and to the cluster (the pod's search list)
+   only when the upstream says it does not exist: ``hello.default.svc`` still works, and a
+   Service ``example`` in a namespace ``com`` no longer answers ``example.com`` for the whole
+   machine (unless namespace ``com`` exists: rule 4, a name the cluster owns by its own rules).
+
+An answer from rules 3 to 5 comes back under the name the client asked. "Exists" includes
+NODATA, so an AAAA question for an IPv4-only Service gets an empty answer, not the upstream's
+NXDOMAIN. A name that is no valid host name (too long, a label over 63 octets, characters
+other than letters, digits, ``-`` and ``_``; non-ASCII labels are asked in their IDNA form) is
+not the cluster's: it goes upstream, whose answer (NXDOMAIN, most likely) is the reply.
 
 Every other query is forwarded byte for byte to the upstream resolver (the machine's original
 one) over UDP, with a TCP retry when a TCP client's answer came back truncated. When the cluster
-cannot be asked for rule 3 (tunnel down), the name is forwarded rather than failed: the machine's
-DNS must keep working. Replies keep the client's ID and question. No client is left waiting: a
-question that is not answered within ``timeout`` gets SERVFAIL.
+cannot be asked (tunnel down), the name is forwarded rather than failed: the machine's DNS must
+keep working. Replies keep the client's ID and question. No client is left waiting: a question
+that is not answered within ``timeout`` gets SERVFAIL.
 
 **Upstream mark.** The machine's DNS traffic is redirected here by the VPN, so the upstream
 queries of this server must not be: with ``upstream_mark``, every upstream socket (UDP, and the
@@ -58,7 +69,14 @@ from dnslib import QTYPE, DNSError, DNSHeader, DNSRecord
 
 from tpconf import errors
 from tpconf.net import TCPListener
-from tpconf.proxy.resolver import NOERROR, SERVFAIL, ResolveError, build_reply
+from tpconf.proxy.resolver import (
+    NOERROR,
+    NXDOMAIN,
+    SERVFAIL,
+    ResolveError,
+    build_reply,
+    host_name,
+)
 
 if TYPE_CHECKING:
     from anyio.abc import UDPSocket
@@ -152,9 +170,9 @@ class DnsServer:
         return address is not None and any(address in net for net in self.reverse_networks)
 
     def search_candidates(self, qname: str) -> list[str]:
-        """Rule 3: the expansions of ``qname`` with the pod's search list, or none."""
+        """``qname`` with each of the pod's search domains appended (rules 3 and 5)."""
         name = qname.lower().rstrip(".")
-        if not name or name.count(".") >= self.resolver.ndots or reverse_address(name):
+        if not name or reverse_address(name):
             return []
         return [f"{name}.{domain}." for domain in self.resolver.search]
 
@@ -186,23 +204,56 @@ class DnsServer:
             return await self.forward(packet, tcp=tcp)
         qname = str(request.q.qname)
         qtype = request.q.qtype
-        if self.is_cluster_name(qname):
+        if self.is_cluster_name(qname):  # rules 1 and 2
             answer = await self.resolver.query(qname, qtype)
             return self._cluster_reply(packet, request, answer, tcp=tcp)
-        names = self.search_candidates(qname)
-        if names:
-            found: Answer | None = None
-            # Half the time for the cluster at most: if it cannot tell (tunnel down), the
-            # name goes upstream, so the machine's DNS keeps working.
-            with anyio.move_on_after(self.timeout / 2), contextlib.suppress(ResolveError):
-                found = await self.resolver.first_answer(names, qtype, nodata_is_answer=True)
-            if found is not None and found.rcode == NOERROR:
-                # The names before the one found decided the answer too (they had nothing).
-                before = names[: names.index(found.name)] if found.name in names else None
-                return self._cluster_reply(
-                    packet, request, found, tcp=tcp, owner=request.q.qname, before=before
-                )
-        return await self.forward(packet, tcp=tcp)
+        name = qname.lower().rstrip(".")
+        if not name or reverse_address(name) or host_name(name) is None:
+            return await self.forward(packet, tcp=tcp)
+        labels = name.split(".")
+        if len(labels) == 1:  # rule 3
+            return await self._from_search_list(packet, request, tcp=tcp) or await self.forward(
+                packet, tcp=tcp
+            )
+        if len(labels) == 2:  # rule 4
+            namespace = f"{labels[1]}.svc.{self.cluster_domain}."
+            exists = await self._cluster_answer([namespace], qtype)
+            if exists is not None:
+                found = await self._cluster_answer([f"{name}.svc.{self.cluster_domain}."], qtype)
+                if found is not None:
+                    return self._cluster_reply(
+                        packet, request, found, tcp=tcp, owner=request.q.qname, before=[namespace]
+                    )
+        reply = await self.forward(packet, tcp=tcp)  # rule 5
+        if len(reply) > 3 and reply[3] & 0x0F == NXDOMAIN:
+            # Not remembered: the reply holds only while the upstream has no such name.
+            cluster = await self._from_search_list(packet, request, tcp=tcp, remember=False)
+            if cluster is not None:
+                return cluster
+        return reply
+
+    async def _cluster_answer(self, names: Sequence[str], qtype: int) -> Answer | None:
+        """The first of ``names`` that exists in the cluster (NODATA included), or ``None``:
+        none does, or the cluster cannot tell within half the timeout (then the name goes
+        upstream, so the machine's DNS keeps working with the tunnel down)."""
+        found: Answer | None = None
+        with anyio.move_on_after(self.timeout / 2), contextlib.suppress(ResolveError):
+            found = await self.resolver.first_answer(names, qtype, nodata_is_answer=True)
+        return found if found is not None and found.rcode == NOERROR else None
+
+    async def _from_search_list(
+        self, packet: bytes, request: Any, *, tcp: bool, remember: bool = True
+    ) -> bytes | None:
+        """The reply from the first search-list expansion of the question that exists."""
+        names = self.search_candidates(str(request.q.qname))
+        found = await self._cluster_answer(names, request.q.qtype) if names else None
+        if found is None:
+            return None
+        # The names before the one found decided the answer too (they had nothing).
+        before = names[: names.index(found.name)] if remember and found.name in names else None
+        return self._cluster_reply(
+            packet, request, found, tcp=tcp, owner=request.q.qname, before=before
+        )
 
     def _cluster_reply(
         self,

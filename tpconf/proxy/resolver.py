@@ -30,6 +30,7 @@ import contextlib
 import ipaddress
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -135,6 +136,35 @@ def absolute(name: str) -> str:
     """The lower-case absolute form of ``name`` (trailing dot), as used in cache keys."""
     name = name.lower()
     return name if name.endswith(".") else name + "."
+
+
+#: A label of a host name, in ASCII: letters, digits, ``-`` inside, ``_`` (``_http._tcp``).
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+def host_name(name: str) -> str | None:
+    """The absolute, lower-case ASCII form of host name ``name``, or ``None`` if it is none.
+
+    Non-ASCII labels become their IDNA form (``bücher.de`` -> ``xn--bcher-kva.de.``). ``None``
+    for a name longer than 253 characters, an empty label or one over 63 octets, characters
+    other than letters, digits, ``-`` (not first or last) and ``_``, or IDNA that fails: no
+    nameserver can have such a name, so it is answered NXDOMAIN without asking (dnslib raised
+    on some, and others came back as a different name and timed out).
+    """
+    text = name.removesuffix(".")
+    labels = []
+    for label in text.split("."):
+        if not label.isascii():
+            try:
+                label = label.encode("idna").decode("ascii")
+            except UnicodeError:
+                return None
+        label = label.lower()
+        if not _LABEL.fullmatch(label):
+            return None
+        labels.append(label)
+    result = ".".join(labels)
+    return result + "." if len(result) <= 253 else None
 
 
 def reverse_name(address: str) -> str:
@@ -445,6 +475,10 @@ class ClusterResolver:
         return self._cache.get((answer.name, answer.qtype)) is answer
 
     def _flight(self, name: str, qtype: int) -> _Flight:
+        asked = host_name(name)
+        if asked is None:  # no nameserver has it: NXDOMAIN, not cached, nothing asked
+            return _Done(Answer(name, qtype, NXDOMAIN, (), (), self.clock()))
+        name = asked
         key = (name, qtype)
         answer = self._cache.get(key)
         if answer is not None:
