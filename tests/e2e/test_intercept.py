@@ -429,15 +429,28 @@ def test_to_pod_and_from_pod_reach_the_pods_own_localhost(
     )  # fmt: skip
     assert "hostname" in listing.stdout
     # from-pod: the app container reaches this machine's 9090 as its localhost:9090.
-    pod = cluster.kubectl(
-        "-n", namespace, "get", "pods", "-l", "app=web,tpconf.io/agent=intercept",
-        "-o", "jsonpath={.items[0].metadata.name}",
-    ).stdout  # fmt: skip
-    reply = cluster.kubectl(
-        "-n", namespace, "exec", pod, "-c", "main", "--", "python3", "-c",
-        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9090/').read().decode())",
-    )  # fmt: skip
-    assert reply.stdout.strip() == "links hello-from-the-pod"
+    fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9090/').read().decode())"
+
+    def from_pod() -> str:
+        pods = json.loads(
+            cluster.kubectl(
+                "-n",
+                namespace,
+                "get",
+                "pods",
+                "-l",
+                "app=web,tpconf.io/agent=intercept",
+                "-o",
+                "json",
+            ).stdout
+        )["items"]
+        live = [p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")]
+        reply = cluster.kubectl(
+            "-n", namespace, "exec", live[0], "-c", "main", "--", "python3", "-c", fetch, check=False
+        )  # fmt: skip
+        return reply.stdout.strip()
+
+    wait_until(lambda: from_pod() == "links hello-from-the-pod", 60, "from-pod to answer")
     assert up.stop() == 0
 
 
