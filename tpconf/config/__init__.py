@@ -6,7 +6,17 @@ of tpconf calls :func:`load_project` and works with :class:`Project` and :class:
 
 from __future__ import annotations
 
-from tpconf.config.loading import DEFAULT_FILENAME, find_config_file, load_project, parse_project
+from tpconf.config.loading import (
+    DEFAULT_FILENAME,
+    OVERRIDE_FILENAME,
+    ConfigFiles,
+    Document,
+    find_config_file,
+    load_document,
+    load_project,
+    parse_project,
+    project_of,
+)
 from tpconf.config.methods import DEFAULT_METHOD, MethodCatalog, MethodRules, RuleReport
 from tpconf.config.models import DEFAULT_AGENT_IMAGE, TelepresenceFile
 from tpconf.config.project import (
@@ -22,6 +32,7 @@ from tpconf.config.project import (
     Operation,
     PortMapping,
     Project,
+    RestartPolicy,
     SwapOp,
     VolumesSpec,
     VpnSpec,
@@ -31,8 +42,11 @@ __all__ = [
     "DEFAULT_AGENT_IMAGE",
     "DEFAULT_FILENAME",
     "DEFAULT_METHOD",
+    "OVERRIDE_FILENAME",
+    "ConfigFiles",
     "ConfigWarning",
     "DeploymentSpec",
+    "Document",
     "EnvExport",
     "EnvSpec",
     "ExistingOp",
@@ -45,12 +59,15 @@ __all__ = [
     "Operation",
     "PortMapping",
     "Project",
+    "RestartPolicy",
     "RuleReport",
     "SwapOp",
     "TelepresenceFile",
     "VolumesSpec",
     "VpnSpec",
     "find_config_file",
+    "load_document",
     "load_project",
     "parse_project",
+    "project_of",
 ]

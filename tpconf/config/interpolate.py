@@ -1,9 +1,12 @@
-"""``${VAR}`` interpolation in the string values of telepresence.yaml.
+"""``${VAR}`` interpolation in the string values of telepresence.yaml (and of ``.env``).
 
-The rules are docker compose's, reduced to the two forms that matter:
+The rules are docker compose's:
 
 - ``${VAR}`` is replaced by the value of ``VAR``; an unset variable is an error that names it;
-- ``${VAR:-default}`` is replaced by ``default`` when ``VAR`` is unset or empty;
+- ``${VAR:-default}`` is replaced by ``default`` when ``VAR`` is unset or empty, ``${VAR-default}``
+  only when it is unset;
+- ``${VAR:?message}`` is an error saying ``message`` when ``VAR`` is unset or empty,
+  ``${VAR?message}`` only when it is unset: a file says what a person must set, and why;
 - ``$$`` is a literal ``$``; a ``$`` followed by anything else is kept as it is.
 
 Keys are never interpolated, only string values.
@@ -16,7 +19,7 @@ from collections.abc import Mapping
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _TOKEN = re.compile(r"\$(?:(?P<dollar>\$)|\{(?P<body>[^}]*)\}|(?P<open>\{))")
-_BODY = re.compile(rf"(?P<name>{_NAME})(?::-(?P<default>.*))?", re.DOTALL)
+_BODY = re.compile(rf"(?P<name>{_NAME})(?:(?P<op>:?[-?])(?P<arg>.*))?", re.DOTALL)
 
 
 class InterpolationError(ValueError):
@@ -28,8 +31,43 @@ class InterpolationError(ValueError):
         self.hint = hint
 
 
+def _required(name: str, message: str, *, empty_too: bool) -> InterpolationError:
+    state = "not set" if not empty_too else "not set or empty"
+    text = message.strip() or f"environment variable `{name}` is {state}"
+    return InterpolationError(
+        text if not message.strip() else f"`{name}` is {state}: {text}",
+        hint=f"set `{name}` in the environment or in the project's `.env` file",
+    )
+
+
+def _replace(name: str, op: str | None, arg: str, env: Mapping[str, str]) -> str:
+    value = env.get(name)
+    match op:
+        case None:
+            if value is None:
+                raise InterpolationError(
+                    f"environment variable `{name}` is not set",
+                    hint=f"set `{name}` (the environment or the project's `.env` file), or give "
+                    f"a default: `${{{name}:-value}}`",
+                )
+            return value
+        case ":-":
+            return value if value else arg
+        case "-":
+            return arg if value is None else value
+        case ":?":
+            if not value:
+                raise _required(name, arg, empty_too=True)
+            return value
+        case "?":
+            if value is None:
+                raise _required(name, arg, empty_too=False)
+            return value
+    raise AssertionError(op)  # the pattern allows no other operator
+
+
 def interpolate(text: str, env: Mapping[str, str]) -> str:
-    """Replace the ``${VAR}`` and ``${VAR:-default}`` references of ``text`` from ``env``."""
+    """Replace the ``${...}`` references of ``text`` from ``env`` (see the module docstring)."""
     if "$" not in text:
         return text
     out: list[str] = []
@@ -50,18 +88,9 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
         if parsed is None:
             raise InterpolationError(
                 f"`${{{body}}}` is not a valid variable reference",
-                hint="write `${VAR}` or `${VAR:-default}`, or `$$` for a literal `$`",
+                hint="write `${VAR}`, `${VAR:-default}` or `${VAR:?message}`, or `$$` for a "
+                "literal `$`",
             )
-        name, default = parsed["name"], parsed["default"]
-        value = env.get(name)
-        if default is not None:
-            out.append(value if value else default)
-        elif value is None:
-            raise InterpolationError(
-                f"environment variable `{name}` is not set",
-                hint=f"set `{name}`, or give a default: `${{{name}:-value}}`",
-            )
-        else:
-            out.append(value)
+        out.append(_replace(parsed["name"], parsed["op"], parsed["arg"] or "", env))
     out.append(text[pos:])
     return "".join(out)

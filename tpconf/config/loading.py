@@ -1,9 +1,21 @@
-"""Loading telepresence.yaml: find it, read it, validate it, and explain every problem.
+"""Loading telepresence.yaml: find it, read it with its overrides, validate it, and explain every
+problem.
 
-:func:`load_project` is the entry point. Every problem found in one read is reported at once, as
-:class:`~tpconf.errors.ConfigErrors`, each with ``file:line:column`` and the dotted key
-(``deployments.web.expose[1]``). Pydantic's messages are rewritten into short ones with a hint that
-names the fix, and misspelled keys get a "did you mean".
+A project's configuration is made of (:class:`ConfigFiles`), in this order, each merged over the
+ones before it as docker compose merges its files (:func:`~tpconf.config.yamlsource.merge`:
+mappings key by key, lists replaced):
+
+1. the main file: ``-f FILE``, else the nearest ``telepresence.yaml``;
+2. without ``-f``, ``telepresence.override.yaml`` beside it when it exists (a person's own
+   changes, kept out of git); with ``-f``, the further ``-f`` files in their order instead;
+3. ``--context`` and ``--namespace`` of the command line, as the top-level keys.
+
+``${VAR}`` in each file is replaced from the environment, then from ``.env`` in the project
+directory (:mod:`~tpconf.config.dotenv`). :func:`load_project` is the entry point. Every problem
+found in one read is reported at once, as :class:`~tpconf.errors.ConfigErrors`, each with the
+``file:line:column`` of the file it is in and the dotted key (``deployments.web.expose[1]``).
+Pydantic's messages are rewritten into short ones with a hint that names the fix, and misspelled
+keys get a "did you mean".
 """
 
 from __future__ import annotations
@@ -13,13 +25,15 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from tpconf.config.dotenv import DOTENV_NAME, parse_dotenv
 from tpconf.config.methods import MethodCatalog
 from tpconf.config.models import (
     METHODS_CONTEXT,
@@ -36,6 +50,7 @@ from tpconf.config.yamlsource import (
     Locator,
     decode,
     format_loc,
+    merge,
     parse_yaml,
     read_source,
 )
@@ -43,6 +58,9 @@ from tpconf.errors import ConfigError, ConfigErrors, Position
 
 #: The file tpconf looks for, in the current directory and then in its parents.
 DEFAULT_FILENAME = "telepresence.yaml"
+
+#: A person's own changes, merged over the file found beside it (not with ``-f``).
+OVERRIDE_FILENAME = "telepresence.override.yaml"
 
 
 def find_config_file(start: Path | None = None) -> Path:
@@ -60,29 +78,153 @@ def find_config_file(start: Path | None = None) -> Path:
     raise ConfigError(
         f"no {DEFAULT_FILENAME} in {here} or any parent directory",
         position=Position(DEFAULT_FILENAME),
-        hint="create one (see examples/quickstart/telepresence.yaml), or pass a file with -f",
+        hint="`tpconf init` writes one for Deployments of the cluster, or pass a file with -f",
     )
 
 
+@dataclass(frozen=True)
+class ConfigFiles:
+    """Where a project's configuration comes from (see the module docstring)."""
+
+    files: tuple[Path, ...]
+    """The main file, then the files merged over it, as the user named them."""
+    auto_override: bool = False
+    """Also merge :data:`OVERRIDE_FILENAME` beside the main file when it exists."""
+    settings: tuple[tuple[str, str, str], ...] = ()
+    """``(flag, key, value)`` set from the command line over every file: ``--namespace``."""
+
+    @classmethod
+    def find(
+        cls,
+        files: Sequence[Path] = (),
+        *,
+        context: str | None = None,
+        namespace: str | None = None,
+    ) -> ConfigFiles:
+        """``-f`` files as given, else the nearest telepresence.yaml and its override file."""
+        given = (("--context", "context", context), ("--namespace", "namespace", namespace))
+        settings = tuple((flag, key, value) for flag, key, value in given if value is not None)
+        if files:
+            return cls(tuple(files), settings=settings)
+        return cls((find_config_file(),), auto_override=True, settings=settings)
+
+    @property
+    def main(self) -> Path:
+        """The main file (the project is its directory)."""
+        return self.files[0]
+
+    @property
+    def project_dir(self) -> Path:
+        """The directory of the main file, absolute: ``.tpconf/`` and ``.env`` are there."""
+        return self.main.absolute().parent
+
+    @property
+    def override(self) -> Path | None:
+        """The override file looked for beside the main file (``None`` with ``-f``)."""
+        return self.main.parent / OVERRIDE_FILENAME if self.auto_override else None
+
+    @property
+    def dotenv(self) -> Path:
+        """The project's ``.env``."""
+        return self.main.parent / DOTENV_NAME
+
+    def present(self) -> tuple[Path, ...]:
+        """The files read now, in merge order: the override file only when it exists."""
+        override = self.override
+        extra = (override,) if override is not None and override.is_file() else ()
+        return (*self.files, *extra)
+
+    def watched(self) -> tuple[Path, ...]:
+        """Every file whose creation, edit or removal changes the configuration."""
+        override = self.override
+        return (*self.files, *((override,) if override is not None else ()), self.dotenv)
+
+
+@dataclass(frozen=True)
+class Document:
+    """The merged, interpolated data of a project's files, with the position of every value."""
+
+    data: Any
+    locator: Locator
+    display: str
+    """The main file as messages name it."""
+    base_dir: Path
+
+
+def _environment(files: ConfigFiles, env: Mapping[str, str] | None) -> Mapping[str, str]:
+    """``env`` (default: ``os.environ``) over the project's ``.env``, if it has one."""
+    outer = os.environ if env is None else env
+    path = files.dotenv
+    try:
+        if not path.is_file():
+            return outer
+    except OSError:
+        return outer
+    text = decode(read_source(path, os.fspath(path)), os.fspath(path))
+    return {**parse_dotenv(text, os.fspath(path), outer), **outer}
+
+
+def load_document(files: ConfigFiles, *, env: Mapping[str, str] | None = None) -> Document:
+    """Read and merge the files of ``files`` (and ``.env``), not yet validated.
+
+    Raises :class:`~tpconf.errors.ConfigError` (or :class:`~tpconf.errors.ConfigErrors`, every
+    problem of every file) with the position in the file that has it.
+    """
+    variables = _environment(files, env)
+    data: Any = None
+    locator = Locator(os.fspath(files.main))
+    problems: list[ConfigError] = []
+    for index, path in enumerate(files.present()):
+        display = os.fspath(path)
+        try:
+            text = decode(read_source(path, display), display)
+            layer, at = parse_yaml(text, display, variables, allow_empty=index > 0)
+        except ConfigErrors as exc:
+            problems.extend(exc.errors)
+            continue
+        except ConfigError as exc:
+            problems.append(exc)
+            continue
+        data, locator = (layer, at) if index == 0 else merge(data, locator, layer, at)
+    if problems:
+        raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
+    for flag, key, value in files.settings:
+        at = Locator(flag, {(key,): Position(flag)}, {(key,): Position(flag)})
+        data, locator = merge(data, locator, {key: value}, at)
+    return Document(data, locator, os.fspath(files.main), files.project_dir)
+
+
 def load_project(
-    path: str | os.PathLike[str],
+    source: str | os.PathLike[str] | ConfigFiles,
     *,
     methods: MethodCatalog,
     env: Mapping[str, str] | None = None,
 ) -> Project:
-    """Read, validate and resolve the file at ``path``.
+    """Read, merge, validate and resolve a project's configuration.
 
-    ``methods`` is the method registry (``tpconf.methods.REGISTRY``): the valid values of
-    `method` and their rules. Messages name the file as ``path`` was given. ``env`` is the
-    environment for ``${VAR}`` (default: ``os.environ``). Raises
+    ``source`` is a :class:`ConfigFiles`, or one file (no override file). ``methods`` is the
+    method registry (``tpconf.methods.REGISTRY``): the valid values of `method` and their rules.
+    Messages name each file as it was given. ``env`` is the environment for ``${VAR}`` (default:
+    ``os.environ``); the project's ``.env`` fills in what it lacks. Raises
     :class:`~tpconf.errors.ConfigError` or :class:`~tpconf.errors.ConfigErrors`; warnings are in
     :attr:`Project.warnings`.
     """
-    display = os.fspath(path)
-    file = Path(display)
-    data = read_source(file, display)
-    return parse_project(
-        data, filename=display, base_dir=file.absolute().parent, env=env, methods=methods
+    files = source if isinstance(source, ConfigFiles) else ConfigFiles((Path(os.fspath(source)),))
+    document = load_document(files, env=env)
+    return project_of(document, methods=methods)
+
+
+def project_of(document: Document, *, methods: MethodCatalog) -> Project:
+    """Validate and resolve a loaded :class:`Document`."""
+    model = validate(document.data, document.locator, methods)
+    base = document.base_dir
+    return resolve(
+        model,
+        document.locator,
+        source_path=base / Path(document.display).name,
+        base_dir=base,
+        methods=methods,
+        display=document.display,
     )
 
 
@@ -106,10 +248,8 @@ def parse_project(
         text = decode(text, filename)
     data, locator = parse_yaml(text, filename, env)
     base = (base_dir or Path.cwd()).absolute()
-    model = validate(data, locator, methods)
-    return resolve(
-        model, locator, source_path=base / Path(filename).name, base_dir=base, methods=methods
-    )
+    document = Document(data, locator, filename, base)
+    return project_of(document, methods=methods)
 
 
 def validate(data: Any, locator: Locator, methods: MethodCatalog) -> TelepresenceFile:
@@ -119,7 +259,7 @@ def validate(data: Any, locator: Locator, methods: MethodCatalog) -> Telepresenc
             f"the top level must be a mapping with keys such as `version` and `deployments`, "
             f"not {_kind(data)}",
             position=locator.value(()),
-            hint="see examples/quickstart/telepresence.yaml",
+            hint="start with `version: 1` and a `deployments:` mapping (`tpconf init` writes one)",
         )
     version = data.get("version")
     if isinstance(version, str) and version.strip().isdigit():
@@ -213,7 +353,7 @@ def _child(node: Any, part: str | int) -> Any:
 
 _MISSING_HINTS = {
     "version": "add `version: 1` at the top of the file",
-    "deployments": "add a `deployments:` mapping (see examples/quickstart/telepresence.yaml)",
+    "deployments": "add a `deployments:` mapping (`tpconf init` writes one)",
     "pod": "for example `pod: /var/run/secrets/kubernetes.io`",
     "local": "for example `local: ./.k8s`",
     "file": "for example `file: .env.web`",
@@ -265,7 +405,7 @@ def _unknown_key(where: DocPath, locator: Locator) -> ConfigError:
             f"`{key}` cannot be set in `defaults`",
             position=locator.key(where),
             loc=loc,
-            hint=f"set `{key}` at {NOT_IN_DEFAULTS[key]} or on each deployment",
+            hint=f"set `{key}` {NOT_IN_DEFAULTS[key]}",
         )
     normalised = key.replace("_", "-").lower()
     close = [normalised] if normalised in allowed else []

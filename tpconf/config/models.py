@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from tpconf.config import values
 from tpconf.config.methods import DEFAULT_METHOD, MethodCatalog
-from tpconf.config.project import ExportFormat
+from tpconf.config.project import ExportFormat, RestartPolicy
 from tpconf.config.values import BadValue
 
 #: The only format version this tpconf reads.
@@ -217,6 +217,12 @@ Image = Annotated[str, AfterValidator(_checked(values.image))]
 NonEmpty = Annotated[str, AfterValidator(_non_empty)]
 OptionalName = Annotated[NamespaceName | None, BeforeValidator(_empty_is_none)]
 OptionalContext = Annotated[NonEmpty | None, BeforeValidator(_empty_is_none)]
+ProfileName = Annotated[str, AfterValidator(_checked(values.profile))]
+
+
+def _restart(value: Any) -> Any:
+    # `restart: no` is a string in YAML 1.2, but a YAML 1.1 habit may quote it or write `false`.
+    return "no" if value is False else value
 
 
 # ---- operations ---------------------------------------------------------------------------------
@@ -387,6 +393,11 @@ class _Settings(_Model):
     shell: bool = False
     """Start an interactive shell instead of `run`. At most one deployment may set it. Defaults to `false`."""
 
+    restart: Annotated[
+        RestartPolicy, BeforeValidator(_restart, json_schema_input_type=RestartPolicy | bool)
+    ] = "no"
+    """When `run` is started again after it exits, as in docker compose: `no` (never), `on-failure` (after a non-zero exit code or a signal) or `always`. The delay doubles from 0.5 s to at most 30 s, and starts again at 0.5 s once the command has run for 10 s. Valid values are `no`, `on-failure` and `always`. Defaults to `no`."""
+
     agent_image: Image = DEFAULT_AGENT_IMAGE
     """Image of the proxy for `new` and `swap`. Defaults to `tpconf/agent:0.1.0`."""
 
@@ -436,6 +447,9 @@ class Deployment(_Settings):
     context: OptionalContext = None
     """Kubernetes context (in kubeconfig) of the cluster. Defaults to the top-level `context`."""
 
+    profiles: tuple[ProfileName, ...] = ()
+    """Start this deployment only when one of these profiles is active (`tpconf up --profile NAME`, or `$TPCONF_PROFILES`) or it is named on the command line (`tpconf up NAME`), as in docker compose. For example: `[debug]`. Defaults to none: always started."""
+
 
 class Vpn(_Model):
     """Settings shared by every `vpn-tcp` deployment (they share one VPN)."""
@@ -461,6 +475,9 @@ class TelepresenceFile(_Model):
     namespace: OptionalName = None
     """Namespace of the deployments. Defaults to the context's namespace."""
 
+    allowed_contexts: tuple[NonEmpty, ...] | None = None
+    """The only Kubernetes contexts tpconf may change for this project: any other context, named in the file, by `--context` or current in the kubeconfig, is refused before anything is touched. For example: `[kind-dev, minikube]`. Defaults to any context."""
+
     defaults: Defaults = Defaults()
     """Values every deployment inherits unless it sets them itself."""
 
@@ -472,4 +489,8 @@ class TelepresenceFile(_Model):
 
 
 #: Keys that a deployment may set but `defaults` may not, with the place to set them instead.
-NOT_IN_DEFAULTS = {"namespace": "the top level", "context": "the top level"}
+NOT_IN_DEFAULTS = {
+    "namespace": "at the top level or on each deployment",
+    "context": "at the top level or on each deployment",
+    "profiles": "on each deployment",
+}

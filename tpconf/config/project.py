@@ -8,15 +8,20 @@ planner restarts a deployment when its spec differs from the running one.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from tpconf.config.values import AlsoProxyTarget
-from tpconf.errors import Position
+from tpconf.errors import ConfigError, Position
 
 ExportFormat = Literal["dotenv", "json"]
+
+#: When a deployment's command is started again after it exits (docker compose's `restart`).
+RestartPolicy = Literal["no", "on-failure", "always"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +155,10 @@ class DeploymentSpec:
     """Ports of the pod's localhost reachable here."""
     from_pod: tuple[int, ...] = ()
     """Ports of this machine reachable on the pod's localhost."""
+    restart: RestartPolicy = "no"
+    """When ``run`` is started again after it exits."""
+    profiles: tuple[str, ...] = ()
+    """Started only when one of these is active or the deployment is named; empty: always."""
 
     @property
     def target(self) -> str:
@@ -195,6 +204,10 @@ class Project:
     vpn: VpnSpec
     deployments: tuple[DeploymentSpec, ...]
     warnings: tuple[ConfigWarning, ...] = ()
+    allowed_contexts: tuple[str, ...] | None = None
+    """The contexts tpconf may change (``None``: any)."""
+    display: str = "telepresence.yaml"
+    """The main file as messages name it."""
 
     def deployment(self, name: str) -> DeploymentSpec:
         """The deployment called ``name``; raises :class:`KeyError`."""
@@ -207,3 +220,36 @@ class Project:
     def names(self) -> tuple[str, ...]:
         """The deployments' names, in file order."""
         return tuple(spec.name for spec in self.deployments)
+
+    def selected(self, names: Sequence[str] = (), profiles: Collection[str] = ()) -> Project:
+        """The project with only the deployments a command works on, as docker compose picks
+        services: the ``names`` given, else every deployment without `profiles` and those with
+        an active profile. A name that is not in the file is a :class:`ConfigError`; a profile
+        that no deployment has is a warning (a typo starts less than expected)."""
+        known = self.names
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6)
+            listing = ", ".join(known) or "none"
+            raise ConfigError(
+                f"no deployment `{unknown[0]}` in the file (deployments: {listing})",
+                position=Position(self.display),
+                hint=f"did you mean `{close[0]}`?" if close else "name deployments of the file",
+            )
+        seen = {p for spec in self.deployments for p in spec.profiles}
+        warnings = list(self.warnings) + [
+            ConfigWarning(
+                f"no deployment has profile `{profile}`",
+                Position(self.display),
+                hint="profiles in the file: " + (", ".join(sorted(seen)) or "none"),
+            )
+            for profile in sorted(set(profiles) - seen)
+        ]
+        if names:
+            chosen = tuple(s for s in self.deployments if s.name in names)
+        else:
+            active = set(profiles)
+            chosen = tuple(
+                s for s in self.deployments if not s.profiles or active & set(s.profiles)
+            )
+        return replace(self, deployments=chosen, warnings=tuple(warnings))

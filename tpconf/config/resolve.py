@@ -245,6 +245,13 @@ class _Resolver:
             )
         volumes = self.volumes(name, deployment)
         env = self.env(name, deployment)
+        restart, _ = self.setting(name, deployment, "restart")
+        if shell and "restart" in deployment.model_fields_set and restart != "no":
+            self.warn(
+                "`restart` has no effect with `shell: true`: leaving the shell ends `tpconf up`",
+                ("deployments", name, "restart"),
+                hint="remove `restart`, or use `run` instead of the shell",
+            )
         if operation is None:
             return None
         return DeploymentSpec(
@@ -262,11 +269,14 @@ class _Resolver:
             agent_image=operation.image if isinstance(operation, NewOp) else image,
             to_pod=self.setting(name, deployment, "to_pod")[0],
             from_pod=self.setting(name, deployment, "from_pod")[0],
+            restart=restart,
+            profiles=deployment.profiles,
         )
 
     # -- across deployments ------------------------------------------------------------------------
 
     def across(self, specs: list[DeploymentSpec], methods: MethodCatalog) -> None:
+        self.allowed_contexts(specs)
         self.one_shell(specs)
         self.distinct_targets(specs)
         self.distinct_paths(specs)
@@ -275,6 +285,31 @@ class _Resolver:
 
     def own_or_inherited(self, spec: DeploymentSpec, attr: str) -> DocPath:
         return self.setting(spec.name, self.file.deployments[spec.name], attr)[1]
+
+    def allowed_contexts(self, specs: list[DeploymentSpec]) -> None:
+        """The contexts the file names must be allowed; the current one is checked by `up`."""
+        allowed = self.file.allowed_contexts
+        if allowed is None:
+            return
+        if not allowed:
+            self.error(
+                "`allowed-contexts` is empty: no context would be allowed",
+                ("allowed-contexts",),
+                hint="list the contexts tpconf may change, or remove `allowed-contexts`",
+            )
+            return
+        for spec in specs:
+            if spec.context is None or spec.context in allowed:
+                continue
+            own = "context" in self.file.deployments[spec.name].model_fields_set
+            path: DocPath = ("deployments", spec.name, "context") if own else ("context",)
+            self.error(
+                f"context `{spec.context}` is not in `allowed-contexts` ({', '.join(allowed)})",
+                path,
+                at_key=False,
+                hint="use one of the allowed contexts (`--context NAME`), or add it to "
+                "`allowed-contexts` if tpconf may change that cluster",
+            )
 
     def one_shell(self, specs: list[DeploymentSpec]) -> None:
         shells = [spec for spec in specs if spec.shell]
@@ -361,6 +396,7 @@ def resolve(
     source_path: Path,
     base_dir: Path,
     methods: MethodCatalog,
+    display: str = "telepresence.yaml",
 ) -> Project:
     """Apply defaults, check the rules between keys (and each method's) and build the
     :class:`Project`.
@@ -392,4 +428,6 @@ def resolve(
         ),
         deployments=tuple(specs),
         warnings=tuple(warnings),
+        allowed_contexts=file.allowed_contexts,
+        display=display,
     )

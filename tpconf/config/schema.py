@@ -126,12 +126,35 @@ The first line above points [yaml-language-server](https://github.com/redhat-dev
 path relative to the YAML file, for example `../../schemas/telepresence.schema.json` in
 `examples/quickstart/`.
 
+## Personal overrides
+
+`telepresence.override.yaml` beside the file, when it exists, is merged over it: mappings key by
+key, lists (such as `expose` or `run` as a list) and values replaced whole. Keep it out of git
+(`tpconf init` adds it to `.gitignore`): it is where a person sets their own context, ports or
+commands. `-f FILE` reads FILE instead of telepresence.yaml and no override file; `-f` may be
+repeated, each file merged over the ones before it. `--context` and `--namespace` (`-n`) set the
+top-level `context` and `namespace` over every file. `tpconf config` prints the result; every
+error names the file it is in.
+
 ## Environment variables
 
 String values may use `${VAR}`, replaced by the value of the environment variable `VAR` (an
-unset variable is an error naming it), and `${VAR:-default}`, replaced by `default` when `VAR`
-is unset or empty. `$$` is a literal `$`. Keys are not interpolated. For example,
-`context: ${KUBE_CONTEXT:-}` uses `$KUBE_CONTEXT` when set, else the current context.
+unset variable is an error naming it); `${VAR:-default}`, replaced by `default` when `VAR` is
+unset or empty (`${VAR-default}`: only when unset); and `${VAR:?message}`, an error saying
+`message` when `VAR` is unset or empty (`${VAR?message}`: only when unset). `$$` is a literal
+`$`. Keys are not interpolated. For example, `context: ${KUBE_CONTEXT:-}` uses `$KUBE_CONTEXT`
+when set, else the current context.
+
+Variables that the environment does not set are read from `.env` in the project directory (the
+directory of the file), as docker compose reads it: `NAME=value` lines, `#` comments, values
+quoted with `'` (literal) or `"` (escapes such as `\n`, and `${VAR}`).
+
+## Profiles and subsets
+
+`tpconf up` starts every deployment that has no `profiles`, and those with a profile that is
+active: `--profile NAME` (repeatable) or `$TPCONF_PROFILES` (comma-separated). Deployments named
+on the command line (`tpconf up api web`) start whatever their profiles. `status`, `down`,
+`logs`, `plan` and `config` take names too.
 
 ## Defaults
 

@@ -209,3 +209,16 @@ def regex(value: str) -> str:
             "without `regex`",
         ) from None
     return value
+
+
+_PROFILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def profile(value: str) -> str:
+    """A profile name, as docker compose allows them: letters, digits, `_`, `.`, `-`."""
+    if not _PROFILE.fullmatch(value):
+        raise BadValue(
+            f"`{value}` is not a valid profile name",
+            hint="use letters, digits, `_`, `.` and `-`, starting with a letter or digit",
+        )
+    return value

@@ -86,7 +86,7 @@ def read_source(path: Path, display: str) -> bytes:
         raise ConfigError(
             "file not found",
             position=where,
-            hint="create it (see examples/quickstart/telepresence.yaml), or pass another with -f",
+            hint="create it (`tpconf init` writes one), or pass another with -f",
         ) from None
     except PermissionError:
         raise ConfigError(
@@ -163,12 +163,13 @@ def _syntax_error(exc: YAMLError, text: str, display: str) -> ConfigError:
 
 
 def parse_yaml(
-    text: str, display: str, env: Mapping[str, str] | None = None
+    text: str, display: str, env: Mapping[str, str] | None = None, *, allow_empty: bool = False
 ) -> tuple[Any, Locator]:
     """Parse one YAML document into plain data, interpolating ``${VAR}`` from ``env``.
 
-    Raises :class:`ConfigError` (or :class:`ConfigErrors`) for an empty file, a syntax error,
-    duplicate keys, unsupported tags and unset variables.
+    Raises :class:`ConfigError` (or :class:`ConfigErrors`) for an empty file (unless
+    ``allow_empty``: an override file of comments only changes nothing, and is ``None``), a
+    syntax error, duplicate keys, unsupported tags and unset variables.
     """
     yaml = YAML(typ="safe", pure=True)
     try:
@@ -178,11 +179,12 @@ def parse_yaml(
     except RecursionError:
         raise ConfigError("invalid YAML: nested too deeply", position=Position(display)) from None
     if root is None:
+        if allow_empty:
+            return None, Locator(display)
         raise ConfigError(
             "file is empty",
             position=Position(display, 1, 1),
-            hint="start with `version: 1` and a `deployments:` mapping "
-            "(see examples/quickstart/telepresence.yaml)",
+            hint="start with `version: 1` and a `deployments:` mapping (`tpconf init` writes one)",
         )
     builder = _Builder(display, os.environ if env is None else env, yaml)
     data = builder.build(root, ())
@@ -311,6 +313,46 @@ class _Builder:
             f"YAML tag `{shown}` is not supported", node, path, "remove the tag, or quote the value"
         )
         return None
+
+
+def merge(base: Any, base_at: Locator, over: Any, over_at: Locator) -> tuple[Any, Locator]:
+    """``over`` (an override file) merged into ``base``, as docker compose merges its files.
+
+    Mappings are merged key by key; anything else (a list, a scalar, a mapping over a scalar) is
+    replaced whole. The positions follow the values: what ``over`` wrote is found in its file,
+    the rest in the base's, so an error names the file its value came from. ``over`` ``None``
+    (an empty file) changes nothing.
+    """
+    if over is None:
+        return base, base_at
+    at = Locator(base_at.file, dict(base_at.keys), dict(base_at.values))
+    return _merge(base, over, (), at, over_at), at
+
+
+def _merge(base: Any, over: Any, path: DocPath, at: Locator, over_at: Locator) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        merged = dict(base)
+        for key, value in over.items():
+            child = (*path, key)
+            merged[key] = (
+                _merge(merged[key], value, child, at, over_at)
+                if key in merged
+                else _replace(value, child, at, over_at)
+            )
+            if child in over_at.keys:
+                at.keys[child] = over_at.keys[child]
+        return merged
+    return _replace(over, path, at, over_at)
+
+
+def _replace(value: Any, path: DocPath, at: Locator, over_at: Locator) -> Any:
+    """``value`` of ``over`` at ``path``: the positions below ``path`` become its file's."""
+    depth = len(path)
+    for table, source in ((at.keys, over_at.keys), (at.values, over_at.values)):
+        for stale in [p for p in table if p[:depth] == path and (p != path or table is at.values)]:
+            del table[stale]
+        table.update((p, pos) for p, pos in source.items() if p[:depth] == path)
+    return value
 
 
 def format_loc(path: DocPath) -> str:
