@@ -13,6 +13,8 @@ from tpconf.config import (
     EnvExport,
     EnvSpec,
     ExistingOp,
+    HeaderMatch,
+    InterceptOp,
     Mount,
     NewOp,
     PortMapping,
@@ -63,11 +65,30 @@ def test_the_smallest_file_resolves_every_default(tmp_path: Path) -> None:
         ("existing: true", ExistingOp("web")),
         ("existing: proxy", ExistingOp("proxy")),
         ("existing: {deployment: proxy}", ExistingOp("proxy")),
+        ("new: {name: api-dev}", NewOp(DEFAULT_AGENT_IMAGE, "api-dev")),
+        ("intercept: true", InterceptOp("web")),
+        ("intercept: api", InterceptOp("api")),
+        ("intercept: api:app", InterceptOp("api", "app")),
+        (
+            "intercept: {ports: [8080, '9000:90'], headers: {X-Dev: alice, b: {regex: 'a.*'}}}",
+            InterceptOp(
+                "web",
+                None,
+                (PortMapping(8080, 8080), PortMapping(9000, 90)),
+                (HeaderMatch("b", "a.*", regex=True), HeaderMatch("x-dev", "alice")),
+            ),
+        ),
     ],
 )
 def test_operation_shorthands(written: str, operation: object, tmp_path: Path) -> None:
     project = load(f"deployments:\n  web:\n    {written}\n", tmp_path)
     assert project.deployments[0].operation == operation
+
+
+def test_a_personal_name_for_a_new_deployment_comes_from_the_environment(tmp_path: Path) -> None:
+    project = load("deployments:\n  api:\n    new:\n      name: api-${USER}\n", tmp_path, USER="alice")
+    spec = project.deployment("api")
+    assert spec.target == "api-alice" and spec.name == "api"
 
 
 def test_new_image_is_the_agent_image_of_that_deployment(tmp_path: Path) -> None:

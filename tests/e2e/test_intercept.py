@@ -476,3 +476,45 @@ def test_a_swapped_containers_ports_are_exposed_automatically(
     answers(cluster, namespace, "x-any: 1", "swapper ")
     assert curl(cluster, namespace) == "swapper hello-from-the-pod"
     assert up.stop() == 0
+
+
+def test_removing_the_entry_and_down_after_kill_9_take_nothing_from_the_team(
+    cluster: E2ECluster,
+    namespace: str,
+    team: str,
+    tmp_path: Path,
+    ups: Callable[[Path], Up],
+) -> None:
+    """The other two ways an intercept ends, under a teammate's request loop: the entry removed
+    from the file while `up` runs, and `tpconf down` after `up` was killed."""
+    rs = team
+    before = state(cluster, namespace)
+    entry = """
+        web:
+          intercept: {deployment: web, headers: {x-dev-user: alice}}
+          volumes: false
+          run: [python3, local.py, alice, "8080"]
+        """
+    directory = project(tmp_path, "alice", namespace, entry)
+    config = (directory / "telepresence.yaml").read_text()
+    with request_loop(cluster, namespace) as loop:
+        up = ups(directory)
+        up.wait_for(r"^web\s+ready", timeout=300)
+        answers(cluster, namespace, "x-dev-user: alice", "alice ")
+        offset = len(up.output)
+        write_config(directory, config.split("deployments:")[0] + "deployments: {}\n")
+        up.wait_for(r"web\s+stopped \(removed from the file\)", timeout=120, after=offset)
+        restored(cluster, namespace, before, rs)
+        write_config(directory, config)
+        up.wait_for(r"^web\s+ready", timeout=300, after=offset)
+        answers(cluster, namespace, "x-dev-user: alice", "alice ")
+        up.kill()
+        wait_until(
+            lambda: curl(cluster, namespace, "x-dev-user: alice").startswith("app "),
+            60,
+            "the crashed developer's route to go",
+        )
+        assert 'restored Deployment "web"' in tpconf(cluster, directory, "down")
+        restored(cluster, namespace, before, rs)
+    assert len(loop.codes) > 50, loop.codes
+    assert loop.failures == [], f"{len(loop.failures)} of {len(loop.codes)}: {loop.failures}"

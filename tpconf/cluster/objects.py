@@ -73,15 +73,21 @@ def check_ours(current: Mapping[str, Any], req: ProxyRequest, kind: str) -> None
             hint=f"tpconf keeps the agent's keys in this Secret: delete it (`kubectl -n "
             f"{req.namespace} delete secret {name}`) and tpconf creates its own"
             if kind == "secrets"
-            else "choose another name for this deployment in telepresence.yaml, or use "
-            "`swap:` or `existing:` for it instead of `new:`",
+            else "give the new Deployment another name with `new.name` (a personal one on a "
+            "shared namespace: `name: NAME-${USER}`), or use `intercept:`, `swap:` or "
+            "`existing:` for it instead of `new:`",
         )
     owner = (current["metadata"].get("annotations") or {})[L.OWNER]
+    personal = (
+        "; or give yours a name of its own with `new.name` (`name: NAME-${USER}`)"
+        if kind == "deployments"
+        else ""
+    )
     raise errors.ClusterError(
         f"{described} is in use by tpconf of {owner} (another user or project)",
         hint=f"{owner} frees it by ending their `tpconf up` or with `tpconf down` in that "
         "project; `tpconf down --all` frees what tpconf has in the namespaces of "
-        "telepresence.yaml, whoever holds it",
+        f"telepresence.yaml, whoever holds it{personal}",
     )
 
 
