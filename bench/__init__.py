@@ -2,6 +2,6 @@
 
 Runs against the cluster of ``$KUBECONFIG`` in its own namespace ``tpconf-bench-<random>``
 (deleted at the end, even on failure), measures every compared variant interleaved in the same
-run, and prints one table (median, min, max, ratio to the row's reference, DESIGN.md section 5
+run, and prints one table (median, min, max, ratio to the row's reference, the project's performance
 target, verdict); ``bench/out/results.json`` holds the samples. Results: ``bench/RESULTS.md``.
 """

@@ -27,7 +27,7 @@ class Row:
     reference: str | None = None
     """The variant of the same ``name`` this row's ratio is computed against."""
     target: str = ""
-    """The DESIGN.md section 5 target, in words."""
+    """The performance target (bench/RESULTS.md, "Targets"), in words."""
     check: Callable[[Row, Row | None], bool] | None = None
     """Says whether the target is met, given this row and its reference row."""
     note: str = ""

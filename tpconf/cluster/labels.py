@@ -4,7 +4,7 @@ Everything created carries the labels ``app.kubernetes.io/managed-by: tpconf``,
 ``tpconf.io/session`` and ``tpconf.io/deployment``, and the annotations ``tpconf.io/owner``
 (``user@host``) and ``tpconf.io/project`` (a hash of the project path). A swapped Deployment is
 not created by tpconf: it only gets the ``SWAP_*`` annotations, which are enough to restore it
-after a crash (DESIGN.md section 3). The keys Secret of an ``existing`` Deployment also carries
+after a crash (docs/architecture.md, "State and recovery"). The keys Secret of an ``existing`` Deployment also carries
 ``tpconf.io/existing``; its owner annotations are removed when it is released.
 """
 

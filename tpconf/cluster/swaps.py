@@ -1,6 +1,7 @@
 """The ``swap`` operation and its undoing, ``restore``.
 
-Crash safety (DESIGN.md section 3, v1 issues #260, #1026, #1362):
+Crash safety (docs/architecture.md, "State and recovery"; Telepresence 1 issues #260, #1026,
+#1362):
 
 - ``swap`` records who swapped and the original replica count in annotations on the original
   Deployment *before* changing anything (one PATCH, conditional on the resourceVersion it read

@@ -1,4 +1,4 @@
-"""One SSH connection to one agent, multiplexed (DESIGN.md section 2).
+"""One SSH connection to one agent, multiplexed (docs/architecture.md, "How one connection flows").
 
 :func:`open_tunnel` logs in with the proxy's client key, accepts only the pinned host key, and
 yields a :class:`Tunnel`:
