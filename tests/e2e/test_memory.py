@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import E2ECluster
 from tests.e2e.harness import TOOLS, Up, deploy, deployment, file_text, service, write_config
-from tests.e2e.test_vpn import Laptop, NetnsUp, laptop  # noqa: F401  (laptop: a fixture)
+from tests.e2e.laptop import Laptop, NetnsUp
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -198,7 +198,7 @@ def test_vpn_tcp_upload_to_a_slow_reader_keeps_tpconf_memory_bounded(
     cluster: E2ECluster,
     namespace: str,
     tmp_path: Path,
-    laptop: Laptop,  # noqa: F811  (the fixture imported above)
+    laptop: Laptop,
 ) -> None:
     writer_file = upload_project(cluster, namespace, tmp_path, "vpn-tcp")
     up = NetnsUp(cluster, tmp_path, laptop).start()
