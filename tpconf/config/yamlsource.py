@@ -187,7 +187,10 @@ def parse_yaml(
             hint="start with `version: 1` and a `deployments:` mapping (`tpconf init` writes one)",
         )
     builder = _Builder(display, os.environ if env is None else env, yaml)
-    data = builder.build(root, ())
+    try:
+        data = builder.build(root, ())
+    except RecursionError:  # ruamel composes deeper than the builder can walk (issue 11 fuzz)
+        raise ConfigError("invalid YAML: nested too deeply", position=Position(display)) from None
     if builder.errors:
         raise ConfigErrors(builder.errors) if len(builder.errors) > 1 else builder.errors[0]
     return data, builder.locator

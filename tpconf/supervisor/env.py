@@ -25,8 +25,10 @@ backticks, ``$(...)``, double quotes and newlines included). A value that cannot
 is double-quoted, with a backslash before each backslash, double quote, dollar and backtick:
 bash's own escapes. Keys must be shell names (letters, digits, ``_``, not starting with a
 digit): bash runs any other ``KEY=VALUE`` line as a command, so a dotenv export refuses it (JSON
-takes every key). Telepresence 1 wrote values unquoted; tpconf's first writer escaped newlines
-as backslash-n, which bash reads as two characters, and left backticks to run.
+takes every key). bash's own variables keep bash's values when the file is sourced (``_``,
+``UID``, ``EUID``, ``PPID``, ``SHELLOPTS``... are set or read-only in bash: a pod's ``UID`` is
+reported as read-only and left). Telepresence 1 wrote values unquoted; tpconf's first writer
+escaped newlines as backslash-n, which bash reads as two characters, and left backticks to run.
 
 Where the other readers differ (measured with python-dotenv and compose-go in
 ``tests/supervisor/test_env.py``): python-dotenv replaces ``${NAME}`` in any value unless it
@@ -205,6 +207,12 @@ def to_dotenv(mapping: Mapping[str, str], *, header: str | None = None) -> str:
                 f"the value of {key} contains a NUL character, which no environment can hold",
                 hint="export the environment as JSON instead: `env.export: {file: FILE.json}`",
             )
+        if not _is_text(value):
+            raise DotenvError(
+                f"the value of {key} is not text: it holds a lone surrogate (a JSON escape like "
+                "\\ud800 in the pod's spec), which no file or environment can hold",
+                hint="export the environment as JSON instead: `env.export: {file: FILE.json}`",
+            )
         lines.append(f"{key}={_dotenv_value(value)}")
     return "".join(line + "\n" for line in lines)
 
@@ -275,9 +283,24 @@ def _quoted(text: str, pos: int, quote: str, line: int) -> tuple[str, int, int]:
     raise ValueError(f"line {start_line}: unterminated quoted value")
 
 
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def to_json(mapping: Mapping[str, str]) -> str:
-    """Write ``mapping`` as a JSON object, keys sorted, indented by 4 (as Telepresence 1 did)."""
-    return json.dumps(dict(mapping), sort_keys=True, indent=4, ensure_ascii=False) + "\n"
+    """Write ``mapping`` as a JSON object, keys sorted, indented by 4 (as Telepresence 1 did).
+
+    Non-ASCII text is written as it is; a lone surrogate (which UTF-8 cannot hold) makes the
+    whole file ASCII with ``\\u`` escapes, which JSON readers turn back into the same string.
+    """
+    text = json.dumps(dict(mapping), sort_keys=True, indent=4, ensure_ascii=False)
+    if not _is_text(text):
+        text = json.dumps(dict(mapping), sort_keys=True, indent=4)
+    return text + "\n"
 
 
 def write_export(
