@@ -15,6 +15,8 @@ CLI, the reconciler's status, the control socket, the DNS server's log) goes thr
     │   ├── NotFound
     │   ├── AlreadySwapped       a second swap of a swapped Deployment
     │   ├── PodFailed            image pull, unschedulable, crash
+    │   │   ├── ImageNotReady*   the image is not where the cluster pulls it (yet)
+    │   │   └── PodEvicted*      the pod was evicted or its node shut down
     │   ├── WaitTimeout
     │   └── Conflict             (tpconf.cluster.errors) AlreadyExists, or changed meanwhile
     ├── TunnelError              port-forward or SSH to the agent
@@ -155,6 +157,20 @@ class AlreadySwapped(ClusterError):
 
 class PodFailed(ClusterError):
     """Raised when the proxy pod cannot start: image pull, scheduling, crash."""
+
+
+class ImageNotReady(Transient, PodFailed):
+    """Raised when the proxy's image cannot be pulled (yet): it may be on its way to the
+    registry or into the node, so the start is retried."""
+
+    delay = 5.0
+
+
+class PodEvicted(Transient, PodFailed):
+    """Raised when the proxy pod was evicted, preempted or stopped with its node: its
+    Deployment makes another one."""
+
+    delay = 2.0
 
 
 class WaitTimeout(ClusterError):

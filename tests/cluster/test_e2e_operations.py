@@ -404,7 +404,7 @@ async def test_a_role_without_port_forward_is_caught_by_preflight_naming_it(
             f'missing permissions in namespace "{namespace.name}": '
             "create pods/portforward, get pods/portforward"
         )
-        assert info.value.hint is not None and "docs/rbac.yaml" in info.value.hint
+        assert info.value.hint is not None and "`tpconf rbac`" in info.value.hint
         # And a request the Role does not allow at all names verb and resource.
         with pytest.raises(errors.Forbidden, match=r"may not list deployments.apps") as forbidden:
             other = _service_account_cluster(namespace, "nobody", kube)
@@ -412,7 +412,7 @@ async def test_a_role_without_port_forward_is_caught_by_preflight_naming_it(
                 await down(other, [namespace.name], owner=OWNER, project=PROJECT)
             finally:
                 other.close()
-        assert "docs/rbac.yaml" in str(forbidden.value.hint)
+        assert "`tpconf rbac`" in str(forbidden.value.hint)
     finally:
         dev.close()
 

@@ -47,7 +47,7 @@ def test_forbidden_names_the_verb_and_resource_and_points_to_the_role() -> None:
         'cannot create Deployment "web" in namespace "dev": user '
         '"system:serviceaccount:dev:tp" may not create deployments.apps in namespace "dev"'
     )
-    assert err.hint is not None and "docs/rbac.yaml" in err.hint and "-n dev" in err.hint
+    assert err.hint is not None and "`tpconf rbac`" in err.hint and "-n dev" in err.hint
 
 
 def test_forbidden_subresource_is_named_like_kubectl_auth_can_i() -> None:

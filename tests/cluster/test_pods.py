@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tpconf.cluster import pods
+from tpconf.errors import explain
 
 
 def pod(
@@ -52,7 +53,25 @@ def test_an_image_pull_error_names_the_image() -> None:
     assert (state.kind, state.image) == ("image", "nope:1")
     err = pods.image_failure(state, pod="web-1")
     assert "nope:1" in err.message
-    assert err.hint is not None and "make agent-image" in err.hint
+    assert err.hint is not None and "`agent-image`" in err.hint
+    # Issue 13: an image on its way into the node is retried with back-off, not given up on.
+    assert explain(err).transient
+
+
+def test_an_invalid_image_name_is_not_retried() -> None:
+    waiting = status({"waiting": {"reason": "InvalidImageName", "message": "bad"}}, image="x@")
+    err = pods.image_failure(pods.pod_state(pod(statuses=[waiting]), "agent"), pod="web-1")
+    assert not explain(err).transient
+
+
+def test_an_evicted_pod_is_retried_and_a_failed_one_is_not() -> None:
+    evicted = {"status": {"phase": "Failed", "reason": "Evicted", "message": "low on memory"}}
+    err = pods.stop_failure(pods.pod_state(evicted, "agent"), pod="web-1", namespace="dev")
+    assert err.message == 'pod "web-1" stopped: Evicted: low on memory'
+    assert explain(err).transient
+    failed = {"status": {"phase": "Failed", "reason": "Error", "message": "exit 1"}}
+    err = pods.stop_failure(pods.pod_state(failed, "agent"), pod="web-1", namespace="dev")
+    assert not explain(err).transient
 
 
 def test_unschedulable_carries_the_scheduler_message() -> None:

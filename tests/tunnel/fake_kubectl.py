@@ -2,7 +2,7 @@
 
 Behaviour from the environment: FAKE_KUBECTL_TARGET (host:port to forward to),
 FAKE_KUBECTL_MODE (ok, fail, forbidden, silent, stubborn: ignores SIGTERM), FAKE_KUBECTL_LOG
-(a file that gets one line per start: pid and argv).
+(a file that gets one line per start: pid and argv, and `KUBECONFIG=...` when that is set).
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ async def _serve(target_host: str, target_port: int) -> None:
 def main() -> None:
     mode = os.environ.get("FAKE_KUBECTL_MODE", "ok")
     with open(os.environ["FAKE_KUBECTL_LOG"], "a") as log:
-        log.write(f"{os.getpid()} {' '.join(sys.argv[1:])}\n")
+        kubeconfig = os.environ.get("KUBECONFIG")
+        where = f" KUBECONFIG={kubeconfig}" if kubeconfig is not None else ""
+        log.write(f"{os.getpid()} {' '.join(sys.argv[1:])}{where}\n")
     if mode == "fail":
         print(
             "error: unable to forward port because pod is not running. Current status=Pending",

@@ -30,7 +30,7 @@ from .peers import agent_server, tcp_server
 pytestmark = pytest.mark.anyio
 
 TARGET = PortForwardTarget(
-    namespace="ns", resource="pod/agent", kubeconfig="/k/config", context="ctx"
+    namespace="ns", resource="pod/agent", kubeconfig="/k/a:/k/b", context="ctx"
 )
 
 
@@ -78,9 +78,9 @@ async def test_it_runs_kubectl_with_the_callers_settings_and_reaches_the_agent(
                 assert (await tunnel.run("echo ok")).stdout == b"ok\n"
         assert forward.returncode is not None  # stopped on exit
     (line,) = _starts(fake_kubectl)
+    # A KUBECONFIG list is passed as kubectl reads one: `--kubeconfig` takes a single file.
     assert line.split(" ", 1)[1] == (
-        "--kubeconfig /k/config --context ctx -n ns port-forward pod/agent :8022"
-        " --address 127.0.0.1"
+        "--context ctx -n ns port-forward pod/agent :8022 --address 127.0.0.1 KUBECONFIG=/k/a:/k/b"
     )
 
 

@@ -4,13 +4,15 @@ Deployments (those Deployments mount them, so they stay) and drops this develope
 intercepted Deployments (restored when nobody else holds them).
 
 Both work from what is in the cluster only (labels and annotations), so they also see what a
-``kill -9`` of ``tpconf up`` left.
+``kill -9`` of ``tpconf up`` left. ``only`` narrows them to some deployments of a project
+(``tpconf down NAME``): the entries' names and the Kubernetes Deployments they use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 from tpconf.cluster import intercepts as I
 from tpconf.cluster import labels as L
@@ -19,6 +21,19 @@ from tpconf.cluster.model import DownReport
 from tpconf.cluster.objects import KINDS, Progress, delete, describe, get, ours, quiet, released
 from tpconf.cluster.proxies import release
 from tpconf.cluster.swaps import restore
+
+
+def _in(only: Collection[str] | None, *values: str | None) -> bool:
+    """Whether one of ``values`` (label values or Deployment names) is in ``only`` (``None``:
+    everything is)."""
+    if only is None:
+        return True
+    wanted = {L.label_value(name) for name in only}
+    return any(value is not None and L.label_value(value) in wanted for value in values)
+
+
+def _labelled(labels: Mapping[str, str], only: Collection[str] | None) -> bool:
+    return _in(only, labels.get(L.DEPLOYMENT), labels.get(L.EXISTING))
 
 
 @dataclass(frozen=True)
@@ -45,9 +60,16 @@ class Leftovers:
 
 
 async def leftovers(
-    cluster: Cluster, namespaces: Iterable[str], *, owner: str, project: str, all: bool = False
+    cluster: Cluster,
+    namespaces: Iterable[str],
+    *,
+    owner: str,
+    project: str,
+    all: bool = False,
+    only: Collection[str] | None = None,
 ) -> Leftovers:
-    """Find, without changing anything, what :func:`down` would restore, delete and release."""
+    """Find, without changing anything, what :func:`down` would restore, delete and release;
+    with ``only``, just what belongs to those entries and Deployments."""
     swapped: list[tuple[str, str]] = []
     objects: list[tuple[str, str, str]] = []
     claimed: list[tuple[str, str]] = []
@@ -61,6 +83,8 @@ async def leftovers(
         for dep in deployments.get("items") or []:
             annotations = dep["metadata"].get("annotations") or {}
             name = dep["metadata"]["name"]
+            if not _in(only, name):
+                continue
             if I.ORIGINAL_TEMPLATE in annotations and (
                 all or await get(cluster, "leases", ns, I.lease_name(name, owner, project))
             ):
@@ -83,6 +107,8 @@ async def leftovers(
                 ):
                     continue
                 labels = meta.get("labels") or {}
+                if not _labelled(labels, only):
+                    continue
                 if I.INTERCEPTED in labels:
                     continue  # shared by an intercept's developers: the last one deletes it
                 if L.EXISTING not in labels:
@@ -100,6 +126,7 @@ async def down(
     project: str,
     all: bool = False,
     progress: Progress = quiet,
+    only: Collection[str] | None = None,
 ) -> DownReport:
     """Restore the swaps, delete the objects and release the ``existing`` keys Secrets this owner
     and project left behind.
@@ -108,7 +135,8 @@ async def down(
     second run reports nothing.
     """
     report = DownReport()
-    found = await leftovers(cluster, namespaces, owner=owner, project=project, all=all)
+    look = partial(leftovers, cluster, namespaces, owner=owner, project=project, all=all, only=only)
+    found = await look()
     for ns, name in found.intercepted:
         if all:
             await I.forget_leases(cluster, ns, name)
@@ -120,7 +148,7 @@ async def down(
         report.restored.extend(d for d in done if not d.startswith("proxy "))
         report.deleted.extend(d.removeprefix("proxy ") for d in done if d.startswith("proxy "))
     if found.swapped:  # the restores deleted their proxies: look again
-        found = await leftovers(cluster, namespaces, owner=owner, project=project, all=all)
+        found = await look()
     for kind, ns, name in found.objects:
         progress(f"deleting {describe(kind, name, ns)}")
         if await delete(cluster, kind, ns, name):

@@ -7,18 +7,24 @@ not know, and a swap must copy a pod template exactly, whatever the server versi
 The ``kubernetes`` client blocks, so every request runs in a worker thread (abandoned on
 cancellation) with a ``_request_timeout``; watches also pass ``timeoutSeconds``. Errors are
 translated by :mod:`tpconf.cluster.errors` at this boundary.
+
+The kubeconfig is read as kubectl reads it (:func:`kubeconfig_files`): every file of
+``$KUBECONFIG``, merged, the first file that names a context, cluster or user winning, and the
+first ``current-context`` too (the client library alone would take the last one); missing and
+empty files are left out. kubectl children get the same list (``KUBECONFIG``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import anyio
+import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
@@ -64,6 +70,8 @@ class Cluster:
     api: k8s.ApiClient
     namespace: str = "default"
     request_timeout: tuple[float, float] = REQUEST_TIMEOUT
+    context: str = ""
+    """The kubeconfig context it was made from (``""``: not from a kubeconfig)."""
 
     @property
     def server(self) -> str:
@@ -203,13 +211,31 @@ class Cluster:
         self.api.close()  # type: ignore[no-untyped-call]
 
 
-def _kubeconfig_path(kubeconfig: str | None) -> str:
-    if kubeconfig:
-        return os.path.expanduser(kubeconfig)
-    env = os.environ.get("KUBECONFIG")
-    if env:
-        return os.path.expanduser(env.split(os.pathsep)[0])
-    return os.path.expanduser(DEFAULT_KUBECONFIG)
+def kubeconfig_files(kubeconfig: str | None = None) -> list[str]:
+    """The kubeconfig files kubectl would read, in order: ``kubeconfig`` (one path, or several
+    joined by ``:``), else ``$KUBECONFIG``, else ``~/.kube/config``; only those that exist and
+    are not empty (kubectl skips the others too)."""
+    listing = kubeconfig or os.environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
+    found: list[str] = []
+    for entry in listing.split(os.pathsep):
+        path = os.path.expanduser(entry)
+        if path and path not in found and os.path.isfile(path) and os.path.getsize(path):
+            found.append(path)
+    return found
+
+
+def current_context(files: Sequence[str]) -> str | None:
+    """The first ``current-context`` of ``files``, as kubectl picks it (``None``: none set)."""
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as stream:
+                data = yaml.safe_load(stream)
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            continue  # the client library reports what is wrong with it
+        current = data.get("current-context") if isinstance(data, dict) else None
+        if current:
+            return str(current)
+    return None
 
 
 def connect(
@@ -217,34 +243,41 @@ def connect(
     context: str | None = None,
     namespace: str | None = None,
 ) -> Cluster:
-    """A :class:`Cluster` from a kubeconfig file and context (``None``: the current one).
+    """A :class:`Cluster` from the kubeconfig and a context (``None``: the current one).
 
-    ``kubeconfig`` defaults to the first file of ``$KUBECONFIG``, then ``~/.kube/config``;
-    ``namespace`` defaults to the context's namespace, then ``default``. Reads local files only:
-    the first request is what finds out whether the API server is reachable.
+    ``kubeconfig`` defaults to ``$KUBECONFIG`` (all its files, merged as kubectl merges them),
+    then ``~/.kube/config``; ``namespace`` defaults to the context's namespace, then
+    ``default``. Reads local files only: the first request is what finds out whether the API
+    server is reachable.
     """
-    path_ = _kubeconfig_path(kubeconfig)
-    source = path_ + (f" (context {context})" if context else "")
+    files = kubeconfig_files(kubeconfig)
+    listing = kubeconfig or os.environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
+    source = os.pathsep.join(files) or listing
+    if context:
+        source += f" (context {context})"
     try:
-        contexts, current = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
-            config_file=path_
+        if not files:
+            raise ConfigException(f"no kubeconfig file found ({listing})")
+        joined = os.pathsep.join(files)
+        contexts, _ = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+            config_file=joined
         )
-        chosen = current
-        if context is not None:
-            matching = [c for c in contexts if c.get("name") == context]
-            if not matching:
-                names = ", ".join(sorted(str(c.get("name")) for c in contexts)) or "none"
-                raise ConfigException(f"no context {context!r} (contexts: {names})")
-            chosen = matching[0]
+        name = context or current_context(files)
+        if name is None:
+            raise ConfigException("no current-context is set and no context was named")
+        matching = [c for c in contexts if c.get("name") == name]
+        if not matching:
+            names = ", ".join(sorted(str(c.get("name")) for c in contexts)) or "none"
+            raise ConfigException(f"no context {name!r} (contexts: {names})")
         api = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=path_, context=context, persist_config=False
+            config_file=joined, context=name, persist_config=False
         )
     except ConfigException as exc:
         raise cerrors.translate_config(exc, source=source) from exc
     except OSError as exc:
         raise cerrors.translate_config(ConfigException(str(exc)), source=source) from exc
-    ctx_ns = ((chosen or {}).get("context") or {}).get("namespace")
-    return Cluster(api=api, namespace=namespace or ctx_ns or "default")
+    ctx_ns = (matching[0].get("context") or {}).get("namespace")
+    return Cluster(api=api, namespace=namespace or ctx_ns or "default", context=name)
 
 
 def from_token(server: str, token: str, *, ca_file: str | None, namespace: str) -> Cluster:

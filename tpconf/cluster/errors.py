@@ -21,8 +21,8 @@ from kubernetes.config.config_exception import ConfigException
 from tpconf import errors
 
 RBAC_HINT = (
-    "ask a cluster admin to grant the Role in docs/rbac.yaml "
-    "(kubectl apply -n {namespace} -f docs/rbac.yaml, then bind it to you)"
+    "ask a cluster admin to grant the Role that `tpconf rbac` prints "
+    "(tpconf rbac | kubectl apply -n {namespace} -f -, then bind it to you)"
 )
 UNREACHABLE_HINT = (
     "check the kubeconfig and context (`kubectl config current-context`, $KUBECONFIG, "

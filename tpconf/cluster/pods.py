@@ -26,6 +26,10 @@ Progress = Callable[[str], None]
 IMAGE_ERRORS = frozenset(
     {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 )
+#: Image errors that a wait can mend: the image may be being pushed or loaded into the node.
+IMAGE_NOT_YET = IMAGE_ERRORS - {"InvalidImageName"}
+#: Why a pod stops that its Deployment mends by making another one.
+EVICTED = frozenset({"Evicted", "Preempting", "Shutdown", "NodeShutdown", "Terminated"})
 CONFIG_ERRORS = frozenset(
     {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 )
@@ -125,13 +129,28 @@ def pod_state(pod: Mapping[str, Any], container: str) -> PodState:
 
 
 def image_failure(state: PodState, *, pod: str) -> errors.PodFailed:
-    """The error for an image that cannot be pulled."""
-    return errors.PodFailed(
+    """The error for an image that cannot be pulled: transient unless its name is invalid."""
+    reason = state.text.partition(":")[0]
+    kind = errors.ImageNotReady if reason in IMAGE_NOT_YET else errors.PodFailed
+    return kind(
         f'pod "{pod}" cannot pull image {state.image} for container "{state.container}" '
         f"({errors.trim_payload(state.text)})",
-        hint="build the image and load or push it where the cluster can pull it "
-        "(`make agent-image` for the local test cluster; docs/agent.md), or set the agent "
-        "image in telepresence.yaml to one that exists",
+        hint="load or push the image where the cluster can pull it (tpconf tries again "
+        "meanwhile), or set `agent-image` in telepresence.yaml to an image that exists",
+    )
+
+
+def stop_failure(state: PodState, *, pod: str, namespace: str) -> errors.PodFailed:
+    """The error for a pod that stopped or cannot start its containers: transient when it was
+    evicted (or its node went away), since its Deployment makes another one."""
+    text = errors.trim_payload(redact(state.text))
+    if state.kind == "stopped" and state.text.partition(":")[0] in EVICTED:
+        return errors.PodEvicted(
+            f'pod "{pod}" stopped: {text}',
+            hint=f"its Deployment makes another one; `kubectl -n {namespace} get pods` shows it",
+        )
+    return errors.PodFailed(
+        f'pod "{pod}" cannot start: {text}', hint=f"kubectl -n {namespace} describe pod {pod}"
     )
 
 
@@ -298,10 +317,7 @@ async def wait_for_pod(
                 hint=f"kubectl -n {ns} logs {pod_name} -c {proxy.container} --previous",
             )
         if state.kind in ("config", "stopped"):
-            raise errors.PodFailed(
-                f'pod "{pod_name}" cannot start: {errors.trim_payload(redact(state.text))}',
-                hint=f"kubectl -n {ns} describe pod {pod_name}",
-            )
+            raise stop_failure(state, pod=pod_name, namespace=ns)
         if state.kind == "unschedulable":
             now = anyio.current_time()
             unschedulable_since = unschedulable_since or now

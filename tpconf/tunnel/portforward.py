@@ -1,8 +1,9 @@
 """A ``kubectl port-forward`` child: the way from this machine to the agent's sshd (127.0.0.1:8022
 in the pod).
 
-:func:`kubectl_port_forward` starts ``kubectl [--kubeconfig K] [--context C] -n NS port-forward
-pod/NAME :8022 --address 127.0.0.1`` in its own process group, learns the local port from its
+:func:`kubectl_port_forward` starts ``kubectl [--context C] -n NS port-forward pod/NAME :8022
+--address 127.0.0.1`` in its own process group (a kubeconfig, one file or a list as in
+``$KUBECONFIG``, is given as ``KUBECONFIG``: ``--kubeconfig`` takes one file only), learns the local port from its
 ``Forwarding from 127.0.0.1:PORT -> 8022`` line, and on exit stops the whole group (SIGTERM,
 then SIGKILL after a grace period); the kernel kills it if tpconf dies first (even by
 ``kill -9``: :func:`tpconf.pids.open_child`). One kubectl serves one SSH connection: when it dies, the SSH
@@ -49,13 +50,16 @@ class PortForwardTarget:
     kubectl: str = "kubectl"
     """The kubectl executable: a path, or a name looked up on ``PATH``."""
     kubeconfig: str | None = None
+    """One file or a ``:``-separated list, as in ``$KUBECONFIG`` (``None``: kubectl's own)."""
     context: str | None = None
+
+    def env(self) -> dict[str, str] | None:
+        """kubectl's environment: ours, with ``KUBECONFIG`` when one is set."""
+        return {**os.environ, "KUBECONFIG": self.kubeconfig} if self.kubeconfig else None
 
     def command(self) -> list[str]:
         """The kubectl command line."""
         cmd = [self.kubectl]
-        if self.kubeconfig:
-            cmd += ["--kubeconfig", self.kubeconfig]
         if self.context:
             cmd += ["--context", self.context]
         cmd += ["-n", self.namespace, "port-forward", self.resource, f":{self.remote_port}"]
@@ -125,7 +129,7 @@ class PortForward:
                 f"not allowed to port-forward to {self.target.resource} in namespace"
                 f" {self.target.namespace}: {trim_payload(text)}",
                 hint="the RBAC Role needs verb `create` on resource `pods/portforward`"
-                " (see docs/rbac.yaml)",
+                " (`tpconf rbac` prints the Role tpconf needs)",
             )
         return TunnelDown(
             f"`{command}` {what}: {trim_payload(text) or 'no output'}",
@@ -163,6 +167,7 @@ async def kubectl_port_forward(
     try:
         process = await open_child(
             target.command(),
+            env=target.env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr,
