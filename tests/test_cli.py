@@ -171,6 +171,11 @@ def test_schema_writes_and_checks(
     monkeypatch.setattr(cli, "project_root", lambda: tmp_path)
     code, _, err = run(capsys, "schema", "--check")
     assert code == 1
+    assert err.startswith("writing the schema and docs is for a source checkout of tpconf\n")
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "schemas").mkdir()
+    code, _, err = run(capsys, "schema", "--check")
+    assert code == 1
     assert err.startswith("schema is out of date: run `make schema` and commit")
     assert run(capsys, "schema")[:2] == (
         0,

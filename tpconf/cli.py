@@ -3,28 +3,44 @@
 Commands raise :class:`~tpconf.errors.TpconfError`; :func:`main` renders them (exit code 2 for a
 config error, 1 otherwise), unwraps exception groups from task groups, and treats anything else as
 a bug. ``--debug`` adds tracebacks. Colour is used only on a terminal (rich decides, and honours
-``NO_COLOR``).
+``NO_COLOR``). Work is done in the reconcile layer; this module parses and renders.
+
+Deployment names are completed by the shell (click's completion: ``_TPCONF_COMPLETE=bash_source
+tpconf``, see the README), read from the file as ``tpconf validate`` reads it.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import os
+import shutil
 import sys
+import time
 import traceback
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
-from rich.console import Console
+from click.shell_completion import CompletionItem
+from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from tpconf import __version__
-from tpconf.config import ConfigWarning, Project, find_config_file, load_project
+from tpconf.config import (
+    ConfigFiles,
+    ConfigWarning,
+    Project,
+    load_document,
+    load_project,
+    project_of,
+)
 from tpconf.config.schema import DOCS_PATH, SCHEMA_PATH, docs_text, schema_text
 from tpconf.errors import ConfigError, TpconfError, explain, leaves
 from tpconf.methods import REGISTRY
@@ -33,17 +49,22 @@ from tpconf.reconcile.describe import describe_deployment
 from tpconf.reconcile.localpaths import local_paths, outside_project
 from tpconf.reconcile.plan import Plan, desired_facets
 from tpconf.reconcile.plan import plan as build_plan
+from tpconf.reconcile.platform import limitations
 from tpconf.reconcile.reporting import Reporter
 from tpconf.supervisor import ConsoleSink, to_dotenv, to_json
+from tpconf.supervisor.output import LOGS_DIR, LogRecord, OutputSink, Stream
 
 if TYPE_CHECKING:
-    from tpconf.reconcile.session import Session
+    from rich.live import Live
+
+    from tpconf.reconcile.session import ClusterTarget, Session
+    from tpconf.supervisor.process import ProcessExit
 
 # The Kubernetes client and the SSH library take most of a second to import: commands that talk
 # to the cluster import them when they run (`validate`, `plan`, `schema` stay instant).
 
-#: Exit codes: 2 is also click's code for a bad command line.
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+#: Exit codes: 2 is also click's code for a bad command line; 127 is a shell's "not found".
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_NOT_FOUND = 0, 1, 2, 127
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +106,124 @@ def project_root() -> Path:
     return Path(tpconf.__file__).resolve().parent.parent
 
 
-def load(file: Path | None) -> tuple[Path, Project]:
-    """Load `-f FILE`, or the nearest telepresence.yaml; print its warnings."""
-    path = file if file is not None else find_config_file()
-    project = load_project(path, methods=REGISTRY)
-    for warning in project.warnings:
-        print_warning(warning)
-    return path, project
+def warn_platform() -> None:
+    """On a system other than Linux, say at once what will not work and why."""
+    lines = limitations()
+    if lines:
+        print_warning_text("\n".join(lines))
 
 
-FILE_OPTION = click.option(
-    "-f",
-    "--file",
-    "file",
-    # Checks are left to the loader: its messages name the problem the tpconf way.
-    type=click.Path(path_type=Path, readable=False),
-    default=None,
-    help="The config file. Defaults to telepresence.yaml in this directory or the nearest parent.",
-)
+# ---- the options every command that reads the file shares ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Files:
+    """``-f``, ``--context``, ``--namespace`` and ``--profile``, as given."""
+
+    file: tuple[Path, ...] = ()
+    context: str | None = None
+    namespace: str | None = None
+    profiles: tuple[str, ...] = ()
+
+    def config(self) -> ConfigFiles:
+        return ConfigFiles.find(self.file, context=self.context, namespace=self.namespace)
+
+    def load(
+        self, names: Sequence[str] = (), *, quiet: bool = False
+    ) -> tuple[ConfigFiles, Project]:
+        """The project, selected by ``names`` and the profiles; its warnings printed."""
+        files = self.config()
+        project = load_project(files, methods=REGISTRY).selected(names, self.profiles)
+        if not quiet:
+            for warning in project.warnings:
+                print_warning(warning)
+        return files, project
+
+
+def _profiles(values: tuple[str, ...]) -> tuple[str, ...]:
+    """``--profile`` values, else ``$TPCONF_PROFILES`` (comma-separated, as compose's)."""
+    given = values or tuple(os.environ.get("TPCONF_PROFILES", "").split(","))
+    return tuple(p.strip() for p in given if p.strip())
+
+
+def _complete_names(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[Any]:
+    """The deployments of the file, for the shell's completion (silent on any problem)."""
+    try:
+        files = ConfigFiles.find(tuple(ctx.params.get("file") or ()))
+        names = load_project(files, methods=REGISTRY).names
+    except Exception:  # noqa: BLE001 - a completion must never print an error into the prompt
+        return []
+    return [CompletionItem(name) for name in names if name.startswith(incomplete)]
+
+
+def file_options(*, profiles: bool = False, short_file: bool = True) -> Callable[[Any], Any]:
+    """``-f FILE`` (repeatable), ``--context``, ``-n/--namespace`` and, where a command
+    selects deployments, ``--profile``; the command gets them as ``files: Files``."""
+
+    def decorate(function: Any) -> Any:
+        # `wraps` carries the parameters other decorators attached (`__click_params__`).
+        @functools.wraps(function)
+        def wrapper(**kwargs: Any) -> Any:
+            files = Files(
+                file=tuple(kwargs.pop("file")),
+                context=kwargs.pop("context"),
+                namespace=kwargs.pop("namespace"),
+                profiles=_profiles(tuple(kwargs.pop("profile", ()) or ())),
+            )
+            return function(files=files, **kwargs)
+
+        decorated: Any = wrapper
+        if profiles:
+            decorated = click.option(
+                "--profile",
+                "profile",
+                multiple=True,
+                metavar="NAME",
+                help="Also start the deployments with this profile (repeatable; default: "
+                "$TPCONF_PROFILES, comma-separated).",
+            )(decorated)
+        decorated = click.option(
+            "-n",
+            "--namespace",
+            "namespace",
+            default=None,
+            metavar="NAMESPACE",
+            help="The top-level `namespace` (deployments that set their own keep it).",
+        )(decorated)
+        decorated = click.option(
+            "--context",
+            "context",
+            default=None,
+            metavar="CONTEXT",
+            help="The top-level `context` of kubeconfig (deployments that set their own keep it).",
+        )(decorated)
+        flags = ("-f", "--file") if short_file else ("--file",)
+        decorated = click.option(
+            *flags,
+            "file",
+            multiple=True,
+            # Checks are left to the loader: its messages name the problem the tpconf way.
+            type=click.Path(path_type=Path, readable=False),
+            help="The config file (repeat it to merge more over it). Defaults to "
+            "telepresence.yaml in this directory or the nearest parent, with "
+            "telepresence.override.yaml beside it.",
+        )(decorated)
+        return decorated
+
+    return decorate
+
+
+def names_argument(**kwargs: Any) -> Callable[[Any], Any]:
+    return click.argument(
+        "names", nargs=-1, metavar="[NAME]...", shell_complete=_complete_names, **kwargs
+    )
+
+
+def name_argument() -> Callable[[Any], Any]:
+    return click.argument("name", metavar="NAME", shell_complete=_complete_names)
+
+
+# ---- the commands ------------------------------------------------------------------------------
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -123,23 +244,61 @@ def cli(state: State, debug: bool) -> None:
 
 
 @cli.command()
-@FILE_OPTION
-def validate(file: Path | None) -> None:
-    """Check telepresence.yaml and report every problem with its position."""
-    path, project = load(file)
-    shown = click.format_filename(path)
+@file_options()
+def validate(files: Files) -> None:
+    """Check telepresence.yaml (and its overrides) and report every problem with its position."""
+    config, project = files.load()
+    shown = ", ".join(click.format_filename(p) for p in config.present())
     count = len(project.deployments)
     names = ", ".join(project.names)
     plural = "deployment" if count == 1 else "deployments"
     detail = f" ({names})" if names else ""
-    click.echo(f"{shown} is valid: {count} {plural}{detail}")
+    verb = "is" if len(config.present()) == 1 else "are"
+    click.echo(f"{shown} {verb} valid: {count} {plural}{detail}")
+
+
+@cli.command("config")
+@file_options(profiles=True)
+@names_argument()
+@click.option("--services", is_flag=True, help="Print the names of the deployments only.")
+def config_command(files: Files, names: tuple[str, ...], services: bool) -> None:
+    """Print the file as tpconf reads it: overrides merged, ${VAR} replaced, validated."""
+    config = files.config()
+    document = load_document(config)
+    project = project_of(document, methods=REGISTRY).selected(names, files.profiles)
+    for warning in project.warnings:
+        print_warning(warning)
+    if services:
+        for name in project.names:
+            click.echo(name)
+        return
+    from tpconf.config.yamlsource import dump_yaml
+
+    data = dict(document.data)
+    data["deployments"] = {
+        name: value
+        for name, value in (document.data.get("deployments") or {}).items()
+        if name in project.names
+    }
+    click.echo(dump_yaml(data), nl=False)
 
 
 @cli.command()
 @click.option("--check", is_flag=True, help="Exit 1 if the committed files are out of date.")
-def schema(check: bool) -> None:
-    """Write schemas/telepresence.schema.json and docs/configuration.md."""
+@click.option("--print", "show", is_flag=True, help="Print the JSON schema of telepresence.yaml.")
+def schema(check: bool, show: bool) -> None:
+    """Print the JSON schema (--print), or write schemas/ and docs/configuration.md of a
+    source checkout of tpconf."""
+    if show:
+        click.echo(schema_text(REGISTRY), nl=False)
+        return
     root = project_root()
+    if not (root / "pyproject.toml").is_file() or not (root / "schemas").is_dir():
+        raise TpconfError(
+            "writing the schema and docs is for a source checkout of tpconf",
+            hint="`tpconf schema --print` prints the schema (for example into "
+            "telepresence.schema.json for your editor)",
+        )
     outputs = {SCHEMA_PATH: schema_text(REGISTRY), DOCS_PATH: docs_text(REGISTRY)}
     if check:
         stale = [
@@ -160,14 +319,95 @@ def schema(check: bool) -> None:
         click.echo(f"wrote {path}")
 
 
+class LiveStart:
+    """While deployments start on a terminal: one live line each, with what it does and for
+    how long (rich). Everything printed meanwhile appears above the lines."""
+
+    def __init__(self, console: Console | None = None, clock: Callable[[], float] = time.monotonic):
+        self._console = console
+        self._clock = clock
+        self._rows: dict[str, list[Any]] = {}
+        self.live: Live | None = None
+
+    def begin(self, names: Sequence[str]) -> None:
+        from rich.live import Live
+
+        now = self._clock()
+        self._rows = {name: ["starting", now, None, ""] for name in names}
+        if not self._rows:
+            return
+        console = self._console or Console(highlight=False)
+        self.live = Live(
+            console=console, refresh_per_second=4, get_renderable=self.render, transient=False
+        )
+        self.live.start()
+
+    def note(self, name: str, text: str) -> bool:
+        """Show ``text`` on ``name``'s line; ``True`` when that is all it needs (a progress
+        line), ``False`` when it must also be printed (an error, or after the start)."""
+        row = self._rows.get(name)
+        if self.live is None or row is None:
+            return False
+        first = text.splitlines()[0] if text else ""
+        failed = "failed" in first
+        row[0] = first
+        if first == "ready" or failed:
+            row[2] = self._clock()
+            row[3] = "✗" if failed else "✓"
+        return not failed
+
+    def end(self) -> None:
+        if self.live is not None:
+            self.live.refresh()
+            self.live.stop()
+            self.live = None
+
+    def render(self) -> RenderableType:
+        table = Table.grid(padding=(0, 2))
+        now = self._clock()
+        for name, (text, began, finished, mark) in self._rows.items():
+            elapsed = (finished if finished is not None else now) - began
+            style = "red" if mark == "✗" else "green" if mark else "yellow"
+            table.add_row(
+                Text(mark or "…", style=style),
+                Text(name, style="bold"),
+                Text(f"{elapsed:5.1f}s", style="dim"),
+                Text(text if len(text) <= 90 else text[:89] + "…"),
+            )
+        return table
+
+
+class LiveSink:
+    """The console sink, with the notices of starting deployments on their live lines."""
+
+    def __init__(self, inner: OutputSink, live: LiveStart) -> None:
+        self.inner = inner
+        self.live = live
+
+    def write(self, name: str, line: str, *, stream: Stream = "stdout") -> None:
+        self.inner.write(name, line, stream=stream)
+
+    def notice(self, name: str, text: str) -> None:
+        if not self.live.note(name, text):
+            self.inner.notice(name, text)
+
+    def exited(self, name: str, result: ProcessExit) -> None:
+        self.inner.exited(name, result)
+
+
 class ConsoleReporter(Reporter):
     """How `tpconf up` talks: plans and errors to stderr, the status table to stdout."""
+
+    def __init__(self, live: LiveStart | None = None) -> None:
+        self.live = live
 
     def warnings(self, warnings: tuple[ConfigWarning, ...]) -> None:
         for warning in warnings:
             print_warning(warning)
 
     def plan(self, plan: Plan) -> None:
+        if self.live is not None and self.live.live is not None:
+            return  # the live lines show the start
         for action in plan.actions:
             _console().print(Text(str(action), style="dim"))
 
@@ -182,6 +422,18 @@ class ConsoleReporter(Reporter):
 
     def message(self, text: str) -> None:
         _console().print(Text(text, style="bold"))
+
+    def clusters(self, targets: Sequence[ClusterTarget]) -> None:
+        for target in targets:
+            _console().print(Text(f"using {target}", style="bold"))
+
+    def starting(self, names: Sequence[str]) -> None:
+        if self.live is not None:
+            self.live.begin(names)
+
+    def started(self) -> None:
+        if self.live is not None:
+            self.live.end()
 
 
 def print_status(snapshot: state.Snapshot) -> None:
@@ -218,37 +470,95 @@ def status_table(snapshot: state.Snapshot) -> Table:
     return table
 
 
-def _session(path: Path, *, port_forwards: bool = True) -> Session:
-    """The session of the project of ``path``; ``down`` and ``status`` never port-forward, so
+def _session(files: ConfigFiles, *, port_forwards: bool = True) -> Session:
+    """The session of the project of ``files``; ``down`` and ``status`` never port-forward, so
     they work without kubectl (under ``sudo``, its PATH may not have it)."""
     from tpconf.reconcile.session import Session
 
-    project_dir = path.resolve().parent
     if port_forwards:
-        return Session(project_dir=project_dir)
-    return Session(project_dir=project_dir, kubectl="kubectl")
+        return Session(project_dir=files.project_dir)
+    return Session(project_dir=files.project_dir, kubectl="kubectl")
+
+
+def _state_dir(files: Files) -> Path:
+    state_dir = files.config().project_dir / ".tpconf"
+    state.check_dir(state_dir)  # a linked directory could hold anyone's socket
+    return state_dir
 
 
 @cli.command()
-@FILE_OPTION
-@click.option("--no-watch", is_flag=True, help="Do not follow edits of the file.")
-def up(file: Path | None, no_watch: bool) -> int:
-    """Start every deployment of the file and keep them in line with it until Ctrl-C."""
-    from tpconf.reconcile.up import run_up
+@file_options(profiles=True)
+@names_argument()
+@click.option("--no-watch", is_flag=True, help="Do not follow edits of the files.")
+@click.option(
+    "--abort-on-exit",
+    is_flag=True,
+    help="Stop everything when a command exits (or a deployment cannot start); exit with "
+    "its exit code.",
+)
+@click.option(
+    "--exit-code-from",
+    metavar="NAME",
+    default=None,
+    shell_complete=_complete_names,
+    help="As --abort-on-exit, and exit with the exit code of deployment NAME's command.",
+)
+def up(
+    files: Files,
+    names: tuple[str, ...],
+    no_watch: bool,
+    abort_on_exit: bool,
+    exit_code_from: str | None,
+) -> int:
+    """Start the deployments of the file (or NAME...) and keep them in line with it until
+    Ctrl-C. With a `tpconf up` running here already, NAME... are started by that one."""
+    from tpconf.reconcile.up import UpOptions, run_up
 
-    path = file if file is not None else find_config_file()
-    session = _session(path)
-    return anyio.run(
-        partial(run_up, path, session, ConsoleSink(), ConsoleReporter(), watch=not no_watch),
-        backend="asyncio",
+    warn_platform()
+    config = files.config()
+    session = _session(config)
+    if names:
+        reply = anyio.run(
+            partial(control.select, session.state_dir, add=list(names)), backend="asyncio"
+        )
+        if reply is not None:
+            return _print_selected(reply)
+    options = UpOptions(
+        names=names,
+        profiles=files.profiles,
+        watch=not no_watch,
+        abort_on_exit=abort_on_exit,
+        exit_code_from=exit_code_from,
     )
+    live = LiveStart() if sys.stdout.isatty() and sys.stderr.isatty() else None
+    sink: OutputSink = ConsoleSink()
+    if live is not None:
+        sink = LiveSink(sink, live)
+    run = partial(run_up, config, session, sink, ConsoleReporter(live), options)
+    return anyio.run(run, backend="asyncio")
+
+
+def _print_selected(reply: dict[str, object]) -> int:
+    started = reply.get("started") or []
+    failed = reply.get("failed") or {}
+    assert isinstance(started, list)
+    assert isinstance(failed, dict)
+    if started:
+        _console(stderr=False).print(
+            f"started {', '.join(map(str, started))} in the running tpconf up (its output "
+            "is there; `tpconf logs` shows it here)"
+        )
+    for name, why in failed.items():
+        print_error(f"{name} failed: {why}")
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 @cli.command()
-@FILE_OPTION
-def plan(file: Path | None) -> None:
+@file_options(profiles=True)
+@names_argument()
+def plan(files: Files, names: tuple[str, ...]) -> None:
     """Show what `tpconf up` would do, without doing it."""
-    _, project = load(file)
+    _, project = files.load(names)
     for warning in outside_project(project):
         print_warning(warning)
     actions = build_plan({}, desired_facets(project, REGISTRY))
@@ -267,19 +577,22 @@ def plan(file: Path | None) -> None:
 
 
 @cli.command()
-@FILE_OPTION
+@file_options()
+@names_argument()
 @click.option("--all", "everything", is_flag=True, help="Every tpconf object in the namespaces.")
-def down(file: Path | None, everything: bool) -> int:
-    """Restore swapped Deployments and delete what tpconf left in the cluster (even after a crash)."""
+def down(files: Files, names: tuple[str, ...], everything: bool) -> int:
+    """Restore swapped Deployments and delete what tpconf left in the cluster (even after a
+    crash). With NAME..., only those deployments (a running `tpconf up` stops them)."""
     from tpconf.reconcile import cleanup
 
-    path = file if file is not None else find_config_file()
+    config = files.config()
     report = anyio.run(
         partial(
             cleanup.down,
-            _session(path, port_forwards=False),
-            path,
+            _session(config, port_forwards=False),
+            config,
             everything=everything,
+            names=names,
             progress=lambda text: _console().print(Text(text, style="dim")),
         ),
         backend="asyncio",
@@ -294,13 +607,34 @@ def down(file: Path | None, everything: bool) -> int:
 
 
 @cli.command()
-@FILE_OPTION
-def status(file: Path | None) -> int:
+@file_options()
+@names_argument()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(files: Files, names: tuple[str, ...], as_json: bool) -> int:
     """Show what a running `tpconf up` is doing (or what a crashed one left behind)."""
-    path = file if file is not None else find_config_file()
-    snapshot = state.read(path.resolve().parent / ".tpconf")
-    console = _console(stderr=False)
+    config = files.config()
+    state_dir = config.project_dir / ".tpconf"
+    snapshot = state.read(state_dir)
     if snapshot is not None and snapshot.alive:
+        snapshot = anyio.run(partial(_live_snapshot, state_dir, snapshot), backend="asyncio")
+    if snapshot is not None and names:
+        known = {row.name for row in snapshot.deployments}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise TpconfError(
+                f"tpconf up runs no deployment {unknown[0]} (it runs: "
+                f"{', '.join(sorted(known)) or 'none'})",
+                hint="name a deployment it runs, or start it with `tpconf up NAME`",
+            )
+        rows = tuple(row for row in snapshot.deployments if row.name in names)
+        snapshot = state.Snapshot(**{**asdict(snapshot), "deployments": rows})
+    alive = snapshot is not None and snapshot.alive
+    left = [] if alive else anyio.run(partial(_cluster_leftovers, config, names), backend="asyncio")
+    if as_json:
+        click.echo(json.dumps(_status_json(snapshot, alive, left), indent=2))
+        return EXIT_OK if alive else EXIT_FAILURE
+    console = _console(stderr=False)
+    if snapshot is not None and alive:
         console.print(f"tpconf up is running (pid {snapshot.pid}, session {snapshot.session})")
         print_status(snapshot)
         return EXIT_OK
@@ -315,7 +649,6 @@ def status(file: Path | None) -> int:
             )
         )
         print_status(snapshot)
-    left = anyio.run(partial(_cluster_leftovers, path), backend="asyncio")
     if left:
         console.print("left in the cluster by this project (`tpconf down` cleans up):")
         for line in left:
@@ -323,34 +656,208 @@ def status(file: Path | None) -> int:
     return EXIT_FAILURE
 
 
-async def _cluster_leftovers(path: Path) -> list[str]:
+async def _live_snapshot(state_dir: Path, written: state.Snapshot) -> state.Snapshot:
+    """What the running ``up`` says now (a process may have restarted since it last wrote its
+    state file); the file's snapshot if it does not answer."""
+    try:
+        reply = await control.request(state_dir, {"op": "status"})
+        return state.Snapshot.from_json(str(reply["snapshot"]))
+    except (TpconfError, KeyError, ValueError, TypeError):
+        return written
+
+
+def _status_json(
+    snapshot: state.Snapshot | None, alive: bool, left: list[str]
+) -> dict[str, object]:
+    """``status --json``: ``up`` is ``running``, ``crashed`` (left its state) or ``stopped``."""
+    rows = [
+        {**asdict(row), "exposes": list(row.exposes), "problem": row.problem()}
+        for row in (snapshot.deployments if snapshot else ())
+    ]
+    return {
+        "up": "running" if alive else "crashed" if snapshot is not None else "stopped",
+        "pid": snapshot.pid if snapshot else None,
+        "session": snapshot.session if snapshot else None,
+        "config": snapshot.config if snapshot else None,
+        "started": snapshot.started if snapshot else None,
+        "deployments": rows,
+        "left_in_cluster": left,
+    }
+
+
+async def _cluster_leftovers(files: ConfigFiles, names: Sequence[str]) -> list[str]:
     from tpconf.reconcile import cleanup
 
     try:
-        project = load_project(path, methods=REGISTRY)
+        project = load_project(files, methods=REGISTRY)
     except TpconfError as exc:
         return [f"(could not check the cluster: {explain(exc).render()})"]
-    return await cleanup.cluster_leftovers(_session(path, port_forwards=False), project)
+    return await cleanup.cluster_leftovers(_session(files, port_forwards=False), project, names)
 
 
 @cli.command()
-@FILE_OPTION
-@click.argument("name")
+@file_options()
+@name_argument()
 @click.option(
     "--format", "fmt", type=click.Choice(["dotenv", "json"]), default="dotenv", show_default=True
 )
-def env(file: Path | None, name: str, fmt: str) -> None:
+def env(files: Files, name: str, fmt: str) -> None:
     """Print the environment deployment NAME's process gets from the pod (needs `tpconf up`)."""
-    path = file if file is not None else find_config_file()
-    state_dir = path.resolve().parent / ".tpconf"
-    state.check_dir(state_dir)  # a linked directory could hold anyone's socket
     reply = anyio.run(
-        partial(control.request, state_dir, {"op": "env", "name": name}), backend="asyncio"
+        partial(control.request, _state_dir(files), {"op": "env", "name": name}),
+        backend="asyncio",
     )
     values = reply["env"]
     assert isinstance(values, dict)
     mapping = {str(k): str(v) for k, v in values.items()}
     click.echo(to_json(mapping) if fmt == "json" else to_dotenv(mapping), nl=False)
+
+
+@cli.command(
+    "exec",
+    context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
+)
+@file_options()
+@name_argument()
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] [COMMAND]...")
+def exec_command(files: Files, name: str, command: tuple[str, ...]) -> int:
+    """Run COMMAND (default: your $SHELL) as deployment NAME's process would run: its
+    environment, its network and volumes, attached to this terminal; exits with its exit code.
+    Needs `tpconf up`."""
+    warn_platform()
+    from tpconf.supervisor.env import process_environment
+
+    if command[:1] == ("--",):  # click passes the separator on when parsing stopped before it
+        command = command[1:]
+
+    reply = anyio.run(
+        partial(control.request, _state_dir(files), {"op": "exec", "name": name}),
+        backend="asyncio",
+    )
+    pod_side, launch_env, prefix = reply.get("env"), reply.get("launch_env"), reply.get("prefix")
+    assert isinstance(pod_side, dict) and isinstance(launch_env, dict)
+    assert isinstance(prefix, list)
+    env = process_environment(os.environ, {str(k): str(v) for k, v in pod_side.items()})
+    env.update({str(k): str(v) for k, v in launch_env.items()})
+    argv = [*map(str, prefix), *(command or (os.environ.get("SHELL") or "/bin/sh",))]
+    program = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH"))
+    if program is None:
+        print_error(f"{name}: command not found: {argv[0]}")
+        return EXIT_NOT_FOUND
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The command replaces tpconf: it keeps the terminal (or an IDE's pipes), gets its signals
+    # directly, and its exit code is the exit code.
+    try:
+        os.execve(program, argv, env)
+    except OSError as exc:
+        print_error(f"{name}: cannot run {argv[0]}: {exc.strerror or exc}")
+        return 126 if isinstance(exc, PermissionError) else EXIT_NOT_FOUND
+    return EXIT_FAILURE  # pragma: no cover - execve returns only by raising
+
+
+@cli.command()
+@file_options(short_file=False)
+@names_argument()
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until up ends.")
+@click.option("-t", "--timestamps", is_flag=True, help="Show when each line was printed.")
+@click.option("--tail", type=int, default=None, metavar="N", help="Only the last N lines each.")
+def logs(
+    files: Files, names: tuple[str, ...], follow: bool, timestamps: bool, tail: int | None
+) -> None:
+    """Print what the commands of the running (or last) `tpconf up` printed."""
+    from tpconf.supervisor.output import follow_logs, read_logs
+
+    state_dir = _state_dir(files)
+    directory = state_dir / LOGS_DIR
+    if names:
+        files.load(names, quiet=True)  # an unknown name is refused
+    sink = ConsoleSink()
+
+    def show(record: LogRecord) -> None:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.time)) + " " if timestamps else ""
+        if record.stream == "notice":
+            sink.notice(record.name, stamp + record.text)
+        else:
+            sink.write(record.name, stamp + record.text, stream=record.stream)
+
+    if not follow:
+        for record in read_logs(directory, names, tail=tail):
+            show(record)
+        return
+
+    def running() -> bool:
+        try:
+            snapshot = state.read(state_dir)
+        except TpconfError:
+            return False
+        return snapshot is not None and snapshot.alive
+
+    for record in follow_logs(directory, names, tail=tail, running=running):
+        show(record)
+
+
+@cli.command()
+@click.option("--context", default=None, metavar="CONTEXT", help="The kubeconfig context.")
+@click.option("-n", "--namespace", default=None, metavar="NAMESPACE", help="Where to look.")
+@click.argument("names", nargs=-1, metavar="[DEPLOYMENT]...")
+@click.option("--all", "everything", is_flag=True, help="Every Deployment of the namespace.")
+@click.option("--force", is_flag=True, help="Overwrite an existing telepresence.yaml.")
+def init(
+    context: str | None,
+    namespace: str | None,
+    names: tuple[str, ...],
+    everything: bool,
+    force: bool,
+) -> None:
+    """Write a commented telepresence.yaml here for Deployments of the cluster (DEPLOYMENT...,
+    --all, or picked from a list on a terminal)."""
+    from tpconf.reconcile import init as initialize
+    from tpconf.reconcile.session import Session
+
+    project_dir = Path.cwd()
+    session = Session(project_dir=project_dir, kubectl="kubectl")
+    found = anyio.run(partial(initialize.discover, session, context, namespace), backend="asyncio")
+    wanted: Sequence[str] = names
+    if everything:
+        wanted = [f.name for f in found.deployments]
+    elif not names and found.deployments:
+        if not sys.stdin.isatty():
+            raise TpconfError(
+                f"which Deployments of namespace {found.namespace}? "
+                + ", ".join(f.name for f in found.deployments),
+                hint="name them (`tpconf init NAME...`) or take them all (`tpconf init --all`)",
+            )
+        console = _console(stderr=False)
+        console.print(f"Deployments in namespace {found.namespace} ({found.server}):")
+        for number, item in enumerate(found.deployments, start=1):
+            console.print(f"  {number}. {item.name}")
+        answer = click.prompt(
+            "Which ones (numbers or names, comma-separated; empty for all)",
+            default="",
+            show_default=False,
+        )
+        wanted = [w for w in answer.replace(" ", ",").split(",") if w] or [
+            f.name for f in found.deployments
+        ]
+    picked = initialize.pick(found.deployments, wanted)
+    written = initialize.write(project_dir, initialize.config_text(found, picked), force=force)
+    console = _console(stderr=False)
+    shown = ", ".join(f.name for f in picked) or "an example with `new`"
+    console.print(f"wrote {written.config.name} for {shown}")
+    console.print(f"wrote {written.schema.relative_to(project_dir)} (the schema, for editors)")
+    if written.ignored:
+        console.print(f"added to .gitignore: {', '.join(written.ignored)}")
+    console.print("next: `tpconf validate`, then `tpconf up`")
+
+
+@cli.command()
+def rbac() -> None:
+    """Print the Kubernetes Role (and a RoleBinding to edit) that tpconf needs in a namespace:
+    `tpconf rbac | kubectl apply -n NAMESPACE -f -`."""
+    from importlib.resources import files as resources
+
+    click.echo(resources("tpconf.cluster").joinpath("rbac.yaml").read_text("utf-8"), nl=False)
 
 
 def _traceback(exc: BaseException) -> None:

@@ -20,9 +20,11 @@ from tpconf.reconcile import control
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
 
-def handler(request: dict[str, object]) -> dict[str, object]:
+async def handler(request: dict[str, object]) -> dict[str, object]:
     if request.get("op") == "boom":
         raise RuntimeError("kaput")
+    if request.get("op") == "slow":
+        await anyio.sleep(float(str(request["seconds"])))
     return {"echo": request}
 
 
@@ -170,3 +172,12 @@ async def test_a_client_that_hangs_up_mid_request_does_not_end_up(tmp_path: Path
             sock.sendall(b'{"op":')
             sock.close()
         assert await control.request(tmp_path, {"op": "ping"}) == {"echo": {"op": "ping"}}
+
+
+async def test_a_slow_answer_is_waited_for_as_long_as_the_caller_says(tmp_path: Path) -> None:
+    async with serving(tmp_path):
+        reply = await control.request(tmp_path, {"op": "slow", "seconds": 0.3}, timeout=5)
+        assert reply == {"echo": {"op": "slow", "seconds": 0.3}}
+        with pytest.raises(TpconfError) as info:
+            await control.request(tmp_path, {"op": "slow", "seconds": 5}, timeout=0.2)
+        assert info.value.message == "tpconf up did not answer within 0.2 s"

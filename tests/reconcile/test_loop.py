@@ -145,7 +145,7 @@ async def test_a_shutdown_deadline_is_not_held_up_by_slow_cleanups(
 
 
 async def test_the_control_socket_survives_bad_requests_and_handler_bugs(tmp_path: Path) -> None:
-    def handler(req: dict[str, object]) -> dict[str, object]:
+    async def handler(req: dict[str, object]) -> dict[str, object]:
         if req.get("op") == "boom":
             raise AttributeError("a bug")
         return {"pong": req.get("op")}

@@ -369,3 +369,13 @@ def format_loc(path: DocPath) -> str:
         else:
             out += f"[{json.dumps(part)}]"
     return out
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` (plain dicts, lists and scalars) as block-style YAML, keys in their order."""
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    yaml.sort_base_mapping_type_on_output = False  # type: ignore[assignment]
+    out = io.StringIO()
+    yaml.dump(data, out)
+    return out.getvalue()

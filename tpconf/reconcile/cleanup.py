@@ -8,19 +8,23 @@ redirect; a machine whose kubeconfig is missing or whose API server is gone gets
 the same. Then the namespaces of the last session (from its state file) and of the file as it is
 now are searched for this owner's and project's objects; each target that fails is reported with
 what to run to finish. Another project's running ``up`` keeps its mounts and rules.
+
+``down NAME...`` works on those deployments only: a running ``up`` is asked to stop them (it
+restores their swaps and keeps the others running); without one, only their objects in the
+cluster are cleaned up (a crashed ``up``'s local leftovers all go, they serve nothing).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 
 from tpconf import cluster, pids, volumes
-from tpconf.config import Project, load_project
+from tpconf.config import ConfigFiles, Project, load_project
 from tpconf.errors import ConfigError, Explanation, TpconfError, explain
 from tpconf.methods import REGISTRY
 from tpconf.reconcile import control, state
@@ -67,12 +71,24 @@ async def _last_session(session: Session, report: DownReport) -> state.Snapshot 
     return snapshot
 
 
-def _targets(snapshot: state.Snapshot | None, path: Path, report: DownReport) -> set[Target]:
+def _targets(
+    snapshot: state.Snapshot | None,
+    files: ConfigFiles | Path,
+    report: DownReport,
+    names: Sequence[str] = (),
+) -> tuple[set[Target], set[str] | None]:
+    """Where to clean, and (with ``names``) the entries and Deployments to clean only."""
     targets: set[Target] = set()
+    only = set(names) if names else None
     if snapshot is not None:  # what the crashed `up` ran, whatever the file says now
-        targets |= {(None, row.namespace or None) for row in snapshot.deployments}
+        rows = [r for r in snapshot.deployments if only is None or r.name in only]
+        targets |= {(None, row.namespace or None) for row in rows}
     try:
-        project = load_project(path, methods=REGISTRY)
+        project = load_project(files, methods=REGISTRY)
+        if names:
+            project = project.selected(names)
+            assert only is not None
+            only |= {spec.target for spec in project.deployments}
     except ConfigError as exc:
         if not targets:
             report.failures.append(
@@ -83,7 +99,7 @@ def _targets(snapshot: state.Snapshot | None, path: Path, report: DownReport) ->
                     config=True,
                 )
             )
-            return set()
+            return set(), only
         report.warnings.append(
             Explanation(
                 f"{explain(exc).render()}\n(cleaning up the namespaces of the last session)"
@@ -91,27 +107,43 @@ def _targets(snapshot: state.Snapshot | None, path: Path, report: DownReport) ->
         )
     else:
         targets |= {(d.context, d.namespace) for d in project.deployments}
-    return targets or {(None, None)}
+    return targets or {(None, None)}, only
 
 
 async def down(
     session: Session,
-    path: Path,
+    files: ConfigFiles | Path,
     *,
     everything: bool = False,
     progress: Callable[[str], None] = lambda _: None,
+    names: Sequence[str] = (),
 ) -> DownReport:
-    """Clean up what this project left: locally first, then in each cluster namespace."""
+    """Clean up what this project left: locally first, then in each cluster namespace; with
+    ``names``, those deployments only (see the module docstring)."""
     report = DownReport()
+    if names:
+        reply = await control.select(session.state_dir, remove=list(names))
+        if reply is not None:
+            stopped = reply.get("stopped")
+            shown = ", ".join(str(n) for n in stopped) if isinstance(stopped, list) else ""
+            report.done.append(f"stopped {shown} in the running tpconf up (the rest runs on)")
+            return report
     snapshot = await _last_session(session, report)
     await local_leftovers(session.state_dir, report)
-    for context, namespace in sorted(_targets(snapshot, path, report), key=str):
+    targets, only = _targets(snapshot, files, report, names)
+    for context, namespace in sorted(targets, key=str):
         try:
             client = await session.cluster(context, namespace)
             namespaces = [namespace or client.namespace]
             owner, project = session.owner, session.project
             result = await cluster.down(
-                client, namespaces, owner=owner, project=project, all=everything, progress=progress
+                client,
+                namespaces,
+                owner=owner,
+                project=project,
+                all=everything,
+                progress=progress,
+                only=only,
             )
         except TpconfError as exc:
             failure = explain(exc)
@@ -125,7 +157,7 @@ async def down(
             )
         else:
             report.done.extend(result.lines())
-    if not report.failures:
+    if not report.failures and not names:
         await anyio.to_thread.run_sync(state.remove, session.state_dir)
     return report
 
@@ -163,9 +195,15 @@ async def local_leftovers(state_dir: Path, report: DownReport) -> None:
             report.done.append(f"kept the vpn-tcp rules of {owner.describe()}: it still runs")
 
 
-async def cluster_leftovers(session: Session, project: Project) -> list[str]:
-    """What this project and user have in the cluster (a note instead if it cannot be read)."""
+async def cluster_leftovers(
+    session: Session, project: Project, names: Sequence[str] = ()
+) -> list[str]:
+    """What this project and user have in the cluster (a note instead if it cannot be read);
+    with ``names``, what those deployments of ``project`` left."""
     lines: list[str] = []
+    if names:
+        project = project.selected(names)
+    only = {*names, *(d.target for d in project.deployments)} if names else None
     targets = {(d.context, d.namespace) for d in project.deployments}
     try:
         with anyio.fail_after(STATUS_TIMEOUT):
@@ -173,7 +211,9 @@ async def cluster_leftovers(session: Session, project: Project) -> list[str]:
                 client = await session.cluster(context, namespace)
                 owner, project_id = session.owner, session.project
                 namespaces = [namespace or client.namespace]
-                found = await cluster.leftovers(client, namespaces, owner=owner, project=project_id)
+                found = await cluster.leftovers(
+                    client, namespaces, owner=owner, project=project_id, only=only
+                )
                 lines.extend(found.lines())
     except TimeoutError:
         return ["(could not check the cluster: timed out)"]

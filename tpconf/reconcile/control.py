@@ -1,4 +1,6 @@
-"""A local control socket of a running ``tpconf up``: how ``tpconf env NAME`` gets the pod env.
+"""A local control socket of a running ``tpconf up``: how ``tpconf env NAME`` gets the pod env,
+``tpconf exec NAME`` what its command runs with, and ``tpconf up NAME``/``down NAME`` start and
+stop deployments of the running ``up``.
 
 The environment holds whatever the pod has (Secrets included), so it is not written to disk
 unless the file asks (`env.export`); instead ``up`` answers on ``.tpconf/control.sock``, a Unix
@@ -16,7 +18,7 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -36,7 +38,11 @@ ANSWER_TIMEOUT = 10.0
 #: Clients served at once; more are answered "busy" at once.
 MAX_CLIENTS = 16
 
-Handler = Callable[[dict[str, object]], dict[str, object]]
+#: Seconds ``tpconf up NAME``/``down NAME`` wait for the running ``up`` to start or stop them.
+SELECT_TIMEOUT = 300.0
+
+Handler = Callable[[dict[str, object]], Awaitable[dict[str, object]]]
+"""Answers one request (it may take a while: starting a deployment)."""
 
 
 def _prepare(state_dir: Path) -> Path:
@@ -117,13 +123,16 @@ async def _reply(stream: SocketStream, handler: Handler) -> dict[str, object]:
     if not isinstance(request, dict):
         return {"error": "bad request: expected a JSON object"}
     try:
-        return handler(request)
+        return await handler(request)
     except Exception as exc:  # noqa: BLE001 - a bug answers as an error, not a crash
         return {"error": explain(exc).render()}
 
 
-async def request(state_dir: Path, payload: dict[str, object]) -> dict[str, object]:
-    """Send one request to the ``up`` running for this project."""
+async def request(
+    state_dir: Path, payload: dict[str, object], *, timeout: float = ANSWER_TIMEOUT
+) -> dict[str, object]:
+    """Send one request to the ``up`` running for this project; wait ``timeout`` seconds for
+    the answer."""
     path = state_dir / SOCKET_NAME
     try:
         stream = await anyio.connect_unix(path)
@@ -139,7 +148,7 @@ async def request(state_dir: Path, payload: dict[str, object]) -> dict[str, obje
         ) from exc
     data = b""
     async with stream:
-        with anyio.move_on_after(ANSWER_TIMEOUT) as waited:
+        with anyio.move_on_after(timeout) as waited:
             # A refusal may come (and the socket close) before the request is read.
             with contextlib.suppress(anyio.BrokenResourceError):
                 await stream.send(json.dumps(payload).encode() + b"\n")
@@ -150,7 +159,7 @@ async def request(state_dir: Path, payload: dict[str, object]) -> dict[str, obje
                     break
     if waited.cancelled_caught:
         raise TpconfError(
-            f"tpconf up did not answer within {ANSWER_TIMEOUT:g} s",
+            f"tpconf up did not answer within {timeout:g} s",
             hint="is it stuck? `tpconf status` shows what it does; Ctrl-C stops it",
         )
     try:
@@ -165,3 +174,23 @@ async def request(state_dir: Path, payload: dict[str, object]) -> dict[str, obje
     if "error" in reply:
         raise TpconfError(str(reply["error"]))
     return reply
+
+
+async def running(state_dir: Path) -> bool:
+    """Whether a ``tpconf up`` answers on this project's socket."""
+    try:
+        await request(state_dir, {"op": "ping"})
+    except TpconfError:
+        return False
+    return True
+
+
+async def select(
+    state_dir: Path, *, add: list[str] | None = None, remove: list[str] | None = None
+) -> dict[str, object] | None:
+    """Have the ``up`` running for this project start (``add``) or stop (``remove``) some of
+    its deployments; ``None`` when none runs."""
+    if not await running(state_dir):
+        return None
+    payload: dict[str, object] = {"op": "select", "add": add or [], "remove": remove or []}
+    return await request(state_dir, payload, timeout=SELECT_TIMEOUT)

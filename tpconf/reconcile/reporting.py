@@ -6,10 +6,16 @@ Kept apart from ``up.py`` so that the CLI can implement it without importing the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from tpconf.config import ConfigWarning
 from tpconf.errors import ConfigError, TpconfError
 from tpconf.reconcile import state
 from tpconf.reconcile.plan import Plan
+
+if TYPE_CHECKING:  # the session imports the Kubernetes client: not for `tpconf validate`
+    from tpconf.reconcile.session import ClusterTarget
 
 
 class Reporter:
@@ -21,3 +27,12 @@ class Reporter:
     def config_error(self, error: ConfigError) -> None: ...
     def error(self, error: TpconfError) -> None: ...
     def message(self, text: str) -> None: ...
+
+    def clusters(self, targets: Sequence[ClusterTarget]) -> None:
+        """The contexts, API servers and namespaces about to be changed (before any change)."""
+
+    def starting(self, names: Sequence[str]) -> None:
+        """The first start of these deployments begins (a terminal shows a live line each)."""
+
+    def started(self) -> None:
+        """The first start is over (done, failed or cancelled)."""

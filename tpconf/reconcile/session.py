@@ -3,7 +3,9 @@
 A session has an id (labels every object it creates), an owner (``user@host``) and a project id
 (a hash of the project directory): together they tell ``tpconf down`` what it may clean up. The
 API client of each (context, namespace) is made once and shared, and RBAC is checked once per
-namespace and operation. What a running ``up`` lends its units besides this (output, methods,
+namespace and operation. :meth:`Session.targets` says which contexts (with their API servers) and
+namespaces a project would change, and refuses a context that `allowed-contexts` does not list,
+before anything is changed. What a running ``up`` lends its units besides this (output, methods,
 stopping) is :class:`~tpconf.reconcile.units.Services`.
 """
 
@@ -20,6 +22,7 @@ import anyio
 
 from tpconf import cluster
 from tpconf.cluster import Cluster
+from tpconf.config import Project
 from tpconf.errors import TpconfError
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,19 @@ def find_kubectl() -> str:
             "TPCONF_KUBECTL to its path",
         )
     return found
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """A context a project changes: its API server and the namespaces touched in it."""
+
+    context: str
+    server: str
+    namespaces: tuple[str, ...]
+
+    def __str__(self) -> str:
+        plural = "namespace" if len(self.namespaces) == 1 else "namespaces"
+        return f"context {self.context} ({self.server}), {plural} {', '.join(self.namespaces)}"
 
 
 @dataclass
@@ -84,3 +100,28 @@ class Session:
         if key not in self._checked:
             await cluster.preflight(client, namespace, operations=(operation,))
             self._checked.add(key)
+
+    async def targets(self, project: Project) -> list[ClusterTarget]:
+        """The contexts and namespaces ``project``'s deployments change, from the kubeconfig
+        alone (nothing is asked of the API servers); raises when `allowed-contexts` does not
+        list one of the contexts (the current one included)."""
+        found: dict[str, tuple[str, dict[str, None]]] = {}
+        for spec in project.deployments:
+            client = await self.cluster(spec.context, spec.namespace)
+            name = client.context or spec.context or "(current)"
+            _, namespaces = found.setdefault(name, (client.server, {}))
+            namespaces[spec.namespace or client.namespace] = None
+        allowed = project.allowed_contexts
+        for name in found:
+            if allowed is not None and name not in allowed:
+                raise TpconfError(
+                    f"context {name} is not in `allowed-contexts` of {project.display} "
+                    f"({', '.join(allowed)}): nothing was changed",
+                    hint="pick an allowed one with `--context NAME` (or `kubectl config "
+                    "use-context NAME`), or add it to `allowed-contexts` if tpconf may change "
+                    "that cluster",
+                )
+        return [
+            ClusterTarget(name, server, tuple(namespaces))
+            for name, (server, namespaces) in found.items()
+        ]

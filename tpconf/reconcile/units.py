@@ -34,6 +34,7 @@ from tpconf.errors import ProxyError, TpconfError, explain
 from tpconf.methods import Link, MethodRuntime, Outbound
 from tpconf.net import relay
 from tpconf.proxy import ClusterResolver
+from tpconf.reconcile.launching import command_prefix
 from tpconf.reconcile.plan import Unit
 from tpconf.reconcile.routes import Routes, route_specs
 from tpconf.reconcile.session import AGENT_USER, Session
@@ -43,10 +44,10 @@ from tpconf.supervisor import (
     ProcessSpec,
     pod_environment,
     process_environment,
-    run_process,
     run_shell,
     write_export,
 )
+from tpconf.supervisor.process import run_restarting
 from tpconf.tunnel import (
     PodInfo,
     PortForwardTarget,
@@ -271,13 +272,16 @@ class ProcessStatus:
     pid: int | None = None
     shell: bool = False
     exit: ProcessExit | None = None
+    restarts: int = 0
+    """How often `restart` started the command again."""
 
     def describe(self) -> str:
+        again = f", restarted {self.restarts}x" if self.restarts else ""
         if self.exit is not None:
-            return "stopped" if self.exit.stopped else self.exit.describe()
+            return "stopped" if self.exit.stopped else self.exit.describe() + again
         if self.pid is None:
             return "none"
-        return f"{'interactive shell' if self.shell else 'running'} (pid {self.pid})"
+        return f"{'interactive shell' if self.shell else 'running'} (pid {self.pid}{again})"
 
 
 @dataclass(frozen=True)
@@ -538,7 +542,8 @@ async def process_unit(
     *,
     task_status: TaskStatus[ProcessReady],
 ) -> None:
-    """`run`: the local command, supervised; it is not restarted when it exits (compose-like)."""
+    """`run`: the local command, supervised, started again as `restart` says (compose's
+    policies; the default `no` leaves an exited command exited until the file changes)."""
     spec = ctx.spec
     status = ProcessStatus(shell=spec.shell)
     if spec.run is None and not spec.shell:
@@ -548,14 +553,14 @@ async def process_unit(
     env = process_environment(os.environ, pod_env(spec, tunnel, mounted))
     with outbound.outbound.launch() as launch:
         env.update(launch.env)
-        prefix = launch.prefix
-        if spec.volumes is not None and spec.volumes.real_paths and mounted.root is not None:
-            # proot outermost: the method's wrapper and the command see the pod's paths.
-            wrapper = volumes.real_path_wrapper(str(mounted.root), mounted.mounts)
-            prefix = (*wrapper, *prefix)
+        prefix = command_prefix(spec, launch, mounted.root, mounted.mounts)
 
         def exited(result: ProcessExit) -> None:
             status.exit = result
+
+        def restarted(pid: int) -> None:
+            status.pid, status.exit = pid, None
+            status.restarts += 1
 
         cwd = str(ctx.project.base_dir)
         async with anyio.create_task_group() as tg:
@@ -572,10 +577,14 @@ async def process_unit(
                     cwd=cwd,
                     wrapper=prefix,
                 )
-                output = ctx.services.output
-                status.pid = await tg.start(
-                    partial(run_process, output=output, on_exit=exited), process
+                supervise = partial(
+                    run_restarting,
+                    restart=spec.restart,
+                    output=ctx.services.output,
+                    on_start=restarted,
+                    on_exit=exited,
                 )
+                status.pid = await tg.start(supervise, process)
                 task_status.started(ProcessReady(status))
         if spec.shell:
             # `shell: true`: leaving the shell ends `tpconf up`, as in Telepresence 1.

@@ -3,8 +3,12 @@
 The command starts in its own session, so it and everything it starts share one process group.
 Its stdout and stderr reach an :class:`~tpconf.supervisor.output.OutputSink` line by line (the
 unfinished last line too). When the command exits on its own, whatever it left running in its
-group is stopped, and the exit is reported and returned: there is no restart, a finished command
-stays finished until the config changes (Compose's default). When the task is cancelled the
+group is stopped, and the exit is reported (to the sink, as compose's printer gets its
+containers' exits) and returned. :func:`run_process` runs it once; :func:`run_restarting`
+starts it again as `restart` says (compose's policies: ``no``, the default, ``on-failure``,
+``always``), waiting :data:`RESTART_DELAY` seconds, doubled after each quick exit up to
+:data:`RESTART_DELAY_MAX`, and from the start again once a run lasted :data:`RESTART_RESET`
+seconds (Docker's rule, with its ceiling lowered for a laptop). When the task is cancelled the
 stop ladder runs on the whole group, shielded: SIGTERM, ``term_grace`` seconds, SIGKILL,
 ``kill_grace`` seconds, each step logged. Signalling only the pid would leave a shell's
 grandchildren running. If tpconf itself dies (even ``kill -9``), the kernel kills the command
@@ -26,6 +30,7 @@ import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import anyio
 from anyio.abc import ByteReceiveStream, Process, TaskStatus
@@ -34,7 +39,7 @@ from tpconf.errors import ProcessError
 from tpconf.pids import group_members, open_child
 from tpconf.supervisor.output import OutputSink, Stream
 
-__all__ = ["ProcessExit", "ProcessSpec", "run_process"]
+__all__ = ["ProcessExit", "ProcessSpec", "Restart", "run_process", "run_restarting"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,16 @@ DRAIN_TIMEOUT = 0.5
 
 #: How often the group is checked for leftovers while waiting in the stop ladder.
 _POLL = 0.02
+
+#: Seconds before the first restart; doubled after each run shorter than :data:`RESTART_RESET`.
+RESTART_DELAY = 0.5
+#: The delay between restarts stops growing here (seconds).
+RESTART_DELAY_MAX = 30.0
+#: A run at least this long (seconds) counts as healthy: the next delay is the first again.
+RESTART_RESET = 10.0
+
+Restart = Literal["no", "on-failure", "always"]
+"""When :func:`run_restarting` starts a command again: compose's `restart` policies."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -355,4 +370,57 @@ async def run_process(
             output.notice(spec.name, result.describe())
             if on_exit is not None:
                 on_exit(result)
+            output.exited(spec.name, result)
     return result
+
+
+def should_restart(policy: Restart, result: ProcessExit) -> bool:
+    """Whether ``policy`` starts the command again after ``result`` (never after a stop)."""
+    if result.stopped or policy == "no":
+        return False
+    return policy == "always" or result.returncode != 0
+
+
+async def run_restarting(
+    spec: ProcessSpec,
+    *,
+    restart: Restart,
+    output: OutputSink,
+    on_start: Callable[[int], None] | None = None,
+    on_exit: Callable[[ProcessExit], None] | None = None,
+    on_wait: Callable[[float, int], None] | None = None,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> ProcessExit:
+    """:func:`run_process`, started again after each exit as ``restart`` says; returns the exit
+    that ends it. ``task_status.started(pid)`` comes with the first start, ``on_start(pid)``
+    with every later one, ``on_exit`` with every exit and ``on_wait(delay, restart_number)``
+    before each restart. A command that cannot be started again (removed meanwhile) raises
+    :class:`~tpconf.errors.ProcessError`."""
+    delay = RESTART_DELAY
+    restarts = 0
+    status: TaskStatus[int] = task_status
+    while True:
+        began = anyio.current_time()
+        result = await run_process(spec, output=output, on_exit=on_exit, task_status=status)
+        if not should_restart(restart, result):
+            return result
+        if anyio.current_time() - began >= RESTART_RESET:
+            delay = RESTART_DELAY
+        restarts += 1
+        output.notice(spec.name, f"restarting in {delay:g}s (restart: {restart}, #{restarts})")
+        if on_wait is not None:
+            on_wait(delay, restarts)
+        await anyio.sleep(delay)
+        delay = min(delay * 2, RESTART_DELAY_MAX)
+        status = _Started(on_start)
+
+
+class _Started:
+    """A task status for a restart: its pid goes to a callback (``tg.start`` has returned)."""
+
+    def __init__(self, callback: Callable[[int], None] | None) -> None:
+        self._callback = callback
+
+    def started(self, value: int | None = None) -> None:
+        if self._callback is not None and value is not None:
+            self._callback(value)
