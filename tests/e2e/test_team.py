@@ -175,6 +175,24 @@ c:
     assert not (tmp_path / "c.txt").exists()
 
 
+def test_down_of_some_deployments_after_a_crash_cleans_only_theirs(
+    cluster: E2ECluster, namespace: str, tmp_path: Path, ups: Callable[..., TeamUp]
+) -> None:
+    ns = namespace
+    config(tmp_path, ns, "a: {new: true}\nb: {new: true}\n")
+    up = ups(tmp_path)
+    up.wait_for(r"^a ready")
+    up.wait_for(r"^b ready")
+    up.kill()  # kill -9: both proxies stay
+    assert deployments_in(cluster, ns) == {"a", "b"}
+    out = tpconf(cluster, tmp_path, "down", "a")
+    assert f'deleted Deployment "a" in namespace "{ns}"' in out, out
+    assert 'Deployment "b"' not in out, out
+    assert deployments_in(cluster, ns) == {"b"}
+    tpconf(cluster, tmp_path, "down")
+    assert deployments_in(cluster, ns) == set()
+
+
 # ---- 2. overrides, .env, cluster selection -------------------------------------------------------
 
 
@@ -227,7 +245,17 @@ deployments:
     shown = run_tpconf(cluster, tmp_path, "config", "-n", ns)
     assert f"namespace: {ns}" in shown.stdout
     assert "GREETING: hello from .env" in shown.stdout
+    # .env is followed like the file: the command runs again with the new value.
+    (tmp_path / ".env").write_text("GREETING='changed in .env'\n")
+    wait_until(
+        lambda: file_text(tmp_path / "out.txt") == "reached\nchanged in .env\n", 60, "the edit"
+    )
     assert up.stop() == 0, up.output[-3000:]
+    flag = run_tpconf(cluster, tmp_path, "up", "--context", "tpconf-local", "-n", ns)
+    assert flag.returncode == 2
+    assert flag.stderr.startswith(
+        "--context: context: context `tpconf-local` is not in `allowed-contexts` (team-ctx)"
+    )
 
 
 # ---- 4. exec -----------------------------------------------------------------------------------
