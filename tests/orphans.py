@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,10 +20,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 @contextmanager
 def killed_parent(
-    code: str, *args: str, env: Mapping[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+    code: str,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+    before_kill: Callable[[], None] = lambda: None,
 ) -> Iterator[list[int]]:
     """Run ``python -c code ARGS...``, which prints a JSON list of pids on one line once its
-    children run; SIGKILL it and yield those pids. Whatever of them survives is killed after."""
+    children run; SIGKILL it (after ``before_kill``) and yield those pids. Whatever of them
+    survives is killed after."""
     parent = subprocess.Popen(
         [sys.executable, "-c", code, *args],
         stdout=subprocess.PIPE,
@@ -37,6 +42,7 @@ def killed_parent(
         line = parent.stdout.readline()  # the test's timeout bounds this
         assert line, f"the parent exited ({parent.wait()}) before starting its children"
         pids = json.loads(line)
+        before_kill()
         parent.kill()
         parent.wait()
         yield pids

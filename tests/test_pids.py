@@ -4,7 +4,9 @@ their parent even on SIGKILL, and the record `tpconf down` stops leftover proces
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -60,22 +62,47 @@ def test_a_child_dies_with_its_parent_even_on_sigkill(left: tuple[Path, int, int
     assert survivors([leader]) == [], "the child outlived its SIGKILLed parent"
 
 
-def test_down_stops_what_the_child_left_in_its_group_and_forgets_the_record(
+def test_the_janitor_stops_the_childs_whole_group_when_the_parent_is_killed(
     left: tuple[Path, int, int],
 ) -> None:
+    """The death signal reaches only the direct child (sh); the janitor stops what sh started."""
     record, leader, job = left
-    assert survivors([leader]) == []
-    # The death signal reaches only the direct child: its background job is still there.
-    assert alive(job)
-    found = read_record(record)
-    assert found.owner is not None and not found.owner.alive()  # the killed parent
-    (child,) = found.children
-    assert child.id.pid == leader and child.what == "sh"
-    assert child.members() == [job]
-    assert stop_leftovers(record) == [f"stopped process group {leader} (sh) left by tpconf up"]
-    assert survivors([job]) == []
+    assert survivors([leader, job]) == []
+    for _ in range(100):
+        if not record.exists():
+            break
+        time.sleep(0.05)
     assert not record.exists()
-    assert stop_leftovers(record) == []  # nothing recorded: nothing to do
+
+
+def test_down_stops_what_the_janitor_could_not_and_forgets_the_record(tmp_path: Path) -> None:
+    record = tmp_path / "children.json"
+
+    def kill_janitor_first() -> None:
+        found = subprocess.run(
+            ["pgrep", "-f", f"tpconf.pids janitor {record}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split()
+        assert len(found) == 1, found
+        os.kill(int(found[0]), signal.SIGKILL)  # an OOM kill of the janitor too, say
+
+    with killed_parent(
+        PARENT, str(record), "sleep 300 & echo $!; wait", before_kill=kill_janitor_first
+    ) as (leader, job):
+        assert survivors([leader]) == []
+        # Without the janitor, the death signal reaches only the direct child.
+        assert alive(job)
+        found = read_record(record)
+        assert found.owner is not None and not found.owner.alive()  # the killed parent
+        (child,) = found.children
+        assert child.id.pid == leader and child.what == "sh"
+        assert child.members() == [job]
+        assert stop_leftovers(record) == [f"stopped process group {leader} (sh) left by tpconf up"]
+        assert survivors([job]) == []
+        assert not record.exists()
+        assert stop_leftovers(record) == []  # nothing recorded: nothing to do
 
 
 def test_a_recorded_group_whose_pid_now_belongs_to_another_process_is_left_alone(

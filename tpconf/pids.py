@@ -8,10 +8,11 @@ and the record of children each name one process, ever; a reused pid is never ta
 Every child tpconf starts goes through :func:`open_child`, which arms the kernel's parent-death
 signal (``PR_SET_PDEATHSIG``) in the child before it runs the program: when ``tpconf up`` dies,
 however it dies (``kill -9``, the OOM killer), the kernel signals each child. The signal reaches
-only the direct child; what a command started in the background of its process group would
-outlive it. So while ``up`` records (:func:`recording`), every child that leads its own process
-group is written to ``.tpconf/children.json``, and ``tpconf down`` stops what is left of those
-groups (:func:`stop_leftovers`).
+only the direct child; what it started (``sh -c CMD`` forks CMD) would outlive it. So while
+``up`` records (:func:`recording`), every child that leads its own process group is written to
+``.tpconf/children.json``, and a *janitor* runs beside ``up``: a small process the kernel sends
+SIGTERM when ``up`` dies, which then stops what is left of those groups
+(:func:`stop_leftovers`). ``tpconf down`` does the same for whatever the janitor could not.
 
 Linux only (``/proc``, ``prctl``); elsewhere children start without the signal and liveness falls
 back to the pid alone.
@@ -26,6 +27,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -253,18 +255,59 @@ class _Record:
 _record: _Record | None = None
 
 
+def _start_janitor(path: Path) -> subprocess.Popen[bytes] | None:
+    """The janitor of ``path`` (see the module doc), or ``None`` where there is no prctl.
+
+    Started from this (the event loop's) thread, so the kernel signals it when this process
+    dies, not when some worker thread ends; in a session of its own, so a Ctrl-C in the
+    terminal is ``up``'s alone to handle.
+    """
+    if _prctl is None:
+        return None
+    arm = _dies_with(os.getpid(), signal.SIGTERM)
+
+    def prepare() -> None:
+        # Blocked before the signal is armed (the mask survives exec): a death of `up` while
+        # the janitor starts is waited for, not the end of the janitor.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        arm()
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "tpconf.pids", "janitor", str(path)],
+        # Safe here: prctl, getppid and a signal mask, no lock another thread could hold.
+        preexec_fn=prepare,  # noqa: PLW1509
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _janitor(path: Path) -> None:
+    """Wait until the kernel says ``up`` died (SIGTERM), then stop its recorded groups."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.sigwait({signal.SIGTERM})
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        stop_leftovers(path)
+
+
 @contextlib.contextmanager
 def recording(path: Path) -> Iterator[None]:
-    """Record children that lead their own group in ``path`` while the block runs.
+    """Record children that lead their own group in ``path`` while the block runs, with a
+    janitor that stops them if this process dies first.
 
     On the way out the file is removed if every recorded group is gone, else rewritten with
     the ones still running (``tpconf down`` stops them).
     """
     global _record
     record = _record = _Record(path)
+    janitor = _start_janitor(path)
     try:
         yield
     finally:
+        if janitor is not None:
+            janitor.kill()  # this process ends normally: it stopped its children itself
+            janitor.wait()
         _record = None
         record.children = [c for c in record.children if c.members()]
         if record.children:
@@ -357,3 +400,7 @@ def stop_leftovers(path: Path, *, grace: float = 2.0) -> list[str]:
     if not any(c.members() for c in record.children):
         path.unlink(missing_ok=True)
     return lines
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["janitor"]:
+    _janitor(Path(sys.argv[2]))
