@@ -86,7 +86,10 @@ async def leftovers(
             if not _in(only, name):
                 continue
             if I.ORIGINAL_TEMPLATE in annotations and (
-                all or await get(cluster, "leases", ns, I.lease_name(name, owner, project))
+                all
+                or await get(cluster, "leases", ns, I.lease_name(name, owner, project))
+                # Nobody holds it (its last developer crashed while leaving): anyone restores.
+                or not await I.holders(cluster, ns, name)
             ):
                 intercepted.append((ns, name))
             if L.SWAPPED_BY not in annotations:
@@ -115,6 +118,11 @@ async def leftovers(
                     objects.append((kind, ns, meta["name"]))
                 elif not released(item):
                     claimed.append((ns, meta["name"]))
+        # A join cut short leaves its Lease and keys Secret where no restore looks.
+        restoring = {name for namespace, name in intercepted if namespace == ns}
+        objects += await I.orphans(
+            cluster, ns, owner=wanted_owner, project=wanted_project, restoring=restoring
+        )
     return Leftovers(tuple(swapped), tuple(objects), tuple(claimed), tuple(intercepted))
 
 

@@ -32,7 +32,7 @@ import datetime
 import hashlib
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import anyio
@@ -556,3 +556,50 @@ def _comparable(template: Mapping[str, Any]) -> JSON:
         ],
         "volumes": [v.get("name") for v in spec.get("volumes") or []],
     }
+
+
+async def orphans(
+    cluster: Cluster,
+    namespace: str,
+    *,
+    owner: str | None,
+    project: str | None,
+    restoring: Collection[str] = (),
+) -> list[tuple[str, str, str]]:
+    """(kind, namespace, name) of what a crash during a join can leave where no restore looks,
+    because the Deployment never got its sidecar: this owner's and project's Leases (owner
+    ``None``: anyone's), and the keys Secrets of Deployments that are not intercepted and that
+    nobody else holds. The Leases on ``restoring`` Deployments are left to their restore."""
+    leases = await cluster.request(
+        "GET",
+        path("leases", namespace),
+        what=f'list the intercept leases in namespace "{namespace}"',
+        query={"labelSelector": L.MANAGED_SELECTOR},
+    )
+    found: list[tuple[str, str, str]] = []
+    others: set[str] = set()
+    for lease in leases.get("items") or []:
+        meta = lease["metadata"]
+        target = (meta.get("labels") or {}).get(INTERCEPTED, "")
+        mine = owner is None or L.is_ours(
+            meta.get("annotations"), owner=owner, project=project or ""
+        )
+        if target in restoring:
+            continue
+        if mine:
+            found.append(("leases", namespace, meta["name"]))
+        elif live(lease):
+            others.add(target)
+    secrets = await cluster.request(
+        "GET",
+        path("secrets", namespace),
+        what=f'list the intercept keys Secrets in namespace "{namespace}"',
+        query={"labelSelector": INTERCEPTED},
+    )
+    for secret in secrets.get("items") or []:
+        target = secret["metadata"]["labels"][INTERCEPTED]
+        deployment = await get(cluster, "deployments", namespace, target)
+        annotations = ((deployment or {}).get("metadata") or {}).get("annotations") or {}
+        if ORIGINAL_TEMPLATE not in annotations and target not in others:
+            found.append(("secrets", namespace, secret["metadata"]["name"]))
+    return found
