@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
@@ -122,7 +123,7 @@ def _manifests() -> list[dict[str, object]]:
     ]
 
 
-def _config(ns: str, operation: dict[str, object]) -> str:
+def _config(ns: str, operation: Mapping[str, object]) -> str:
     entry = {
         **operation,
         "volumes": False,
