@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
-from click.shell_completion import CompletionItem
 from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -148,6 +147,8 @@ def _profiles(values: tuple[str, ...]) -> tuple[str, ...]:
 
 def _complete_names(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[Any]:
     """The deployments of the file, for the shell's completion (silent on any problem)."""
+    from click.shell_completion import CompletionItem
+
     try:
         files = ConfigFiles.find(tuple(ctx.params.get("file") or ()))
         names = load_project(files, methods=REGISTRY).names
@@ -364,6 +365,9 @@ class LiveStart:
 
     def render(self) -> RenderableType:
         table = Table.grid(padding=(0, 2))
+        for _ in range(3):
+            table.add_column(no_wrap=True)
+        table.add_column(no_wrap=True, overflow="ellipsis")  # one line each, whatever the width
         now = self._clock()
         for name, (text, began, finished, mark) in self._rows.items():
             elapsed = (finished if finished is not None else now) - began
@@ -372,7 +376,7 @@ class LiveStart:
                 Text(mark or "…", style=style),
                 Text(name, style="bold"),
                 Text(f"{elapsed:5.1f}s", style="dim"),
-                Text(text if len(text) <= 90 else text[:89] + "…"),
+                Text(text),
             )
         return table
 

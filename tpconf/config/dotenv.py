@@ -1,7 +1,8 @@
 """The project's ``.env`` file: variables for ``${VAR}`` in telepresence.yaml, as docker compose
 reads its own ``.env``.
 
-It lives in the project directory (the directory of the first file). Variables of the
+It lives in the project directory (the directory of the first file:
+:data:`~tpconf.config.loading.DOTENV_FILENAME`). Variables of the
 environment win over it. The format is compose's: ``KEY=VALUE`` lines, blank lines and ``#``
 comments, an optional ``export`` in front; a value is
 
@@ -22,9 +23,6 @@ from collections.abc import Mapping
 
 from tpconf.config.interpolate import InterpolationError, interpolate
 from tpconf.errors import ConfigError, Position
-
-#: The file compose reads, in the project directory.
-DOTENV_NAME = ".env"
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "$": "$$"}

@@ -33,7 +33,6 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from tpconf.config.dotenv import DOTENV_NAME, parse_dotenv
 from tpconf.config.methods import MethodCatalog
 from tpconf.config.models import (
     METHODS_CONTEXT,
@@ -61,6 +60,9 @@ DEFAULT_FILENAME = "telepresence.yaml"
 
 #: A person's own changes, merged over the file found beside it (not with ``-f``).
 OVERRIDE_FILENAME = "telepresence.override.yaml"
+
+#: Variables for ``${VAR}``, in the project directory (as docker compose reads its own).
+DOTENV_FILENAME = ".env"
 
 
 def find_config_file(start: Path | None = None) -> Path:
@@ -126,7 +128,7 @@ class ConfigFiles:
     @property
     def dotenv(self) -> Path:
         """The project's ``.env``."""
-        return self.main.parent / DOTENV_NAME
+        return self.main.parent / DOTENV_FILENAME
 
     def present(self) -> tuple[Path, ...]:
         """The files read now, in merge order: the override file only when it exists."""
@@ -160,6 +162,8 @@ def _environment(files: ConfigFiles, env: Mapping[str, str] | None) -> Mapping[s
             return outer
     except OSError:
         return outer
+    from tpconf.config.dotenv import parse_dotenv  # most projects have none: `validate` stays quick
+
     text = decode(read_source(path, os.fspath(path)), os.fspath(path))
     return {**parse_dotenv(text, os.fspath(path), outer), **outer}
 

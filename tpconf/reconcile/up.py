@@ -398,7 +398,9 @@ async def run_up(
                 # Watching starts before the first pass: an edit saved while pods start is
                 # applied as soon as the start finishes (apply takes turns).
                 working.start_soon(_follow, up)
-            reporter.starting(project.names)
+            # An interactive shell takes the terminal: no live lines drawn over its prompt.
+            if not any(spec.shell for spec in project.deployments):
+                reporter.starting(project.names)
             try:
                 await reconciler.apply(project, announce=reporter.plan)
             finally:
