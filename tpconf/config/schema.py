@@ -122,9 +122,10 @@ deployments:
 ## Editor support
 
 The first line above points [yaml-language-server](https://github.com/redhat-developer/yaml-language-server)
-(VS Code's YAML extension, and others) at the JSON schema, for completion and hover text. Write the
-path relative to the YAML file, for example `../../schemas/telepresence.schema.json` in
-`examples/quickstart/`.
+(VS Code's YAML extension, and others) at the JSON schema, for completion and hover text; the path
+is relative to the YAML file. The schema ships with tpconf: `tpconf schema --print` prints it, and
+the file `tpconf init` writes points at `.tpconf/telepresence.schema.json`, which `tpconf init`
+and `tpconf up` keep current.
 
 ## Personal overrides
 
