@@ -92,3 +92,10 @@ def test_the_demo_is_the_quickstart() -> None:
     assert spec.run == "curl -s http://helloworld.default"
     assert spec.method == "inject-tcp"
     assert spec.namespace == "default"
+
+
+def test_every_model_of_the_schema_has_its_section_in_the_docs() -> None:
+    # A type column links to `#model`: a model without its section is a dead link.
+    docs = docs_text(REGISTRY)
+    for name in json_schema(REGISTRY)["$defs"]:
+        assert f"\n## {name}\n" in docs, f"docs/configuration.md has no section for {name}"

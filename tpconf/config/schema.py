@@ -26,6 +26,8 @@ _DOC_ORDER = (
     "New",
     "Swap",
     "Existing",
+    "Intercept",
+    "HeaderRegex",
     "Volumes",
     "Mount",
     "Env",
