@@ -47,6 +47,7 @@ from tpconf.tunnel import (
     kubectl_port_forward,
     open_tunnel,
 )
+from tpconf.tunnel.kubeapi import api_server
 
 
 @dataclass
@@ -58,7 +59,10 @@ class SideConfig:
     host_key: str
     fwd_target: tuple[str, int]
     transport: str = "kubectl"
-    """``kubectl`` or ``ws`` (the kubernetes client's websocket port-forward)."""
+    """``kubectl`` (a child), ``inproc`` (tpconf's own port-forward, ``tpconf.tunnel.spdy``) or
+    ``ws`` (the kubernetes client's websocket port-forward)."""
+    relay: bool = True
+    """With ``inproc``: dial through the agent's relay (``False``: SSH channels)."""
     kubectl: str = "kubectl"
     kubeconfig: str | None = None
     ciphers: list[str] | None = None
@@ -89,6 +93,13 @@ async def byte_path(cfg: SideConfig) -> AsyncIterator[Endpoint]:
         )
         async with kubectl_port_forward(target) as forward:
             yield forward.endpoint
+        return
+    if cfg.transport == "inproc":
+        api = await api_server(cfg.kubectl, cfg.kubeconfig, None)
+        if api is None:
+            raise RuntimeError("the kubeconfig needs kubectl for port-forward")
+        async with api.port_forward(cfg.namespace, cfg.pod) as link:
+            yield link
         return
     if cfg.transport == "ws":
         portforward: Any = kubernetes.stream.portforward
@@ -124,14 +135,14 @@ async def main() -> None:
         # The chunk is a keyword default of the one relay (tpconf.net) that SOCKS also uses.
         assert relay.__kwdefaults__ is not None
         relay.__kwdefaults__["chunk"] = cfg.relay_chunk
-    overrides: dict[str, int] = {}
+    overrides: dict[str, Any] = {}
     if cfg.window:
         overrides["channel_window"] = cfg.window
     if cfg.max_packet:
         overrides["channel_max_packet"] = cfg.max_packet
     if cfg.read_limit:
         overrides["read_limit"] = cfg.read_limit
-    settings = TunnelSettings(**overrides)
+    settings = TunnelSettings(**overrides, relay=cfg.relay)
     credentials = Credentials(cfg.username, cfg.client_key, cfg.host_key)
 
     timings: dict[str, float] = {}
@@ -175,6 +186,7 @@ async def main() -> None:
                     "fwd_port": fwd_port,
                     "timings": timings,
                     "cipher": tunnel._conn.get_extra_info("send_cipher"),
+                    "relay": tunnel.relay is not None,
                     "resolv": asdict(rc),
                 }
                 print(json.dumps(line), flush=True)

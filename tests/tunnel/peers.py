@@ -2,11 +2,12 @@
 
 The agent server authenticates only the proxy's client key, presents the proxy's host key,
 allows ``direct-tcpip`` and remote forwards, runs commands with ``/bin/sh -c`` and serves sftp,
-like the agent's OpenSSH sshd.
+like the agent's OpenSSH sshd; ``tpconf-agent relay`` runs the agent's relay in this process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,9 @@ import anyio
 import asyncssh
 from anyio.abc import SocketStream
 
+from tpconf.agent import relay
 from tpconf.tunnel import ProxyKeys
+from tpconf.tunnel.connection import RELAY_COMMAND
 
 
 class _Server(asyncssh.SSHServer):
@@ -40,7 +43,44 @@ class _Server(asyncssh.SSHServer):
         return True
 
 
+class _ProcessOut:
+    """A relay's port line, written to the exec session's stdout."""
+
+    def __init__(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        self._process = process
+
+    def write(self, text: str) -> None:
+        self._process.stdout.write(text.encode())
+
+    def flush(self) -> None:
+        pass
+
+
+async def _relay(process: asyncssh.SSHServerProcess[bytes]) -> None:
+    """``tpconf-agent relay``, run in this process as the agent's exec session runs it."""
+    line = await process.stdin.readline()
+    key = bytes.fromhex(line.decode().strip())
+    loop = asyncio.get_running_loop()
+    stdin_closed: asyncio.Future[None] = loop.create_future()
+
+    async def watch() -> None:
+        while await process.stdin.read(65536):
+            pass
+        if not stdin_closed.done():
+            stdin_closed.set_result(None)
+
+    watcher = loop.create_task(watch())
+    try:
+        code = await relay.serve(key, port_out=_ProcessOut(process), stdin_closed=stdin_closed)
+    finally:
+        watcher.cancel()
+    process.exit(code)
+
+
 async def _run_command(process: asyncssh.SSHServerProcess[bytes]) -> None:
+    if process.command == RELAY_COMMAND:
+        await _relay(process)
+        return
     result = await anyio.run_process(["/bin/sh", "-c", process.command or ""], check=False)
     process.stdout.write(result.stdout)
     process.stderr.write(result.stderr)

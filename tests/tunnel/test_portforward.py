@@ -29,8 +29,9 @@ from .peers import agent_server, tcp_server
 
 pytestmark = pytest.mark.anyio
 
+#: The kubectl child (the in-process port-forward has tests of its own: test_spdy, test_mux).
 TARGET = PortForwardTarget(
-    namespace="ns", resource="pod/agent", kubeconfig="/k/a:/k/b", context="ctx"
+    namespace="ns", resource="pod/agent", kubeconfig="/k/a:/k/b", context="ctx", in_process=False
 )
 
 

@@ -6,6 +6,9 @@ Runs as any uid (OpenShift assigns one, gid 0): makes sure that uid has a passwd
 group-readable host keys), records what the pod looks like in /tmp/tpconf/podinfo.json, writes
 sshd's config and replaces itself with sshd in the foreground, which then receives SIGTERM as PID 1.
 
+``tpconf-agent relay`` (run by tpconf through SSH, not by the pod) starts the relay of
+``relay.py``: the data path of tpconf's connections, see there.
+
 As an intercept sidecar (``--intercept APP:AGENT ...``) it stays PID 1 instead: it runs the
 router (``router.py``: the listeners of the intercepted ports and their routes, configured over a
 Unix socket that developers reach through SSH) and sshd as its child, and on SIGTERM stops both.
@@ -192,10 +195,15 @@ def own_address() -> str:
         return "127.0.0.1"
 
 
-def load_router() -> Any:
-    """router.py: in the image's library directory, or next to this file in the source tree."""
+def load_module(name: str) -> Any:
+    """router.py or relay.py: in the image's library directory, or next to this file in the
+    source tree."""
     sys.path.insert(0, str(LIBRARY if LIBRARY.is_dir() else Path(__file__).resolve().parent))
-    return importlib.import_module("router")
+    return importlib.import_module(name)
+
+
+def load_router() -> Any:
+    return load_module("router")
 
 
 async def intercept(router: Any, ports: dict[int, int], config: Path) -> int:
@@ -231,6 +239,10 @@ async def intercept(router: Any, ports: dict[int, int], config: Path) -> int:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["relay"]:
+        # tpconf's data path (relay.py): started by tpconf over SSH, as the SSH user, per session.
+        load_module("relay").main()
+        return
     parser = argparse.ArgumentParser(prog="tpconf-agent")
     parser.add_argument("--intercept", action="append", default=[], metavar="APP:AGENT")
     args = parser.parse_args()

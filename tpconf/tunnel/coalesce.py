@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 #: Queued bytes at which a write is handed to the socket at once instead of at the end of the
 #: turn. Larger turns gain nothing (kubectl reads 32 KiB at a time), and this bounds the queue.
@@ -193,18 +194,32 @@ class CoalescingProtocol(asyncio.Protocol):
         self.inner.resume_writing()
 
 
+class PortOpener(Protocol):
+    """Opens a connection to a port of the pod (:class:`tpconf.tunnel.spdy.SpdyConnection`)."""
+
+    def open_port(
+        self, port: int, protocol_factory: Callable[[], asyncio.Protocol]
+    ) -> tuple[asyncio.Transport, asyncio.Protocol]: ...
+
+
 class CoalescingConnector:
     """asyncssh's ``tunnel=`` object: opens the byte path to sshd under a coalescing transport.
 
     ``sock``: adopt this connected socket instead of connecting to the host and port asyncssh
-    passes (which are then nominal: the host key is pinned by key, not by name).
+    passes (which are then nominal: the host key is pinned by key, not by name). ``link``: open
+    a port-forward stream to that port of the pod instead (in-process port-forward).
     ``max_coalesce`` 0 hands every write over at once (no coalescing).
     """
 
     def __init__(
-        self, *, sock: socket.socket | None = None, max_coalesce: int = MAX_COALESCE
+        self,
+        *,
+        sock: socket.socket | None = None,
+        link: PortOpener | None = None,
+        max_coalesce: int = MAX_COALESCE,
     ) -> None:
         self._sock = sock
+        self._link = link
         self._max_coalesce = max_coalesce
 
     async def create_connection(
@@ -215,6 +230,10 @@ class CoalescingConnector:
         def factory() -> CoalescingProtocol:
             return CoalescingProtocol(session_factory(), max_coalesce=self._max_coalesce)
 
+        if self._link is not None:
+            stream, wrapper = self._link.open_port(remote_port, factory)
+            assert isinstance(wrapper, CoalescingProtocol)
+            return stream, wrapper.inner
         if self._sock is not None:
             transport, protocol = await loop.create_connection(factory, sock=self._sock)
         else:
