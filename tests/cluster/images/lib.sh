@@ -192,9 +192,15 @@ import_image() { # import_image REF -> into the cluster's containerd, unless tha
     return 0
   fi
   t0=$(now)
-  "$DOCKER" save "$ref" | ctr -a "$CLUSTER_CONTAINERD" -n k8s.io images import - >/dev/null
-  ctr -a "$CLUSTER_CONTAINERD" -n k8s.io images ls -q | grep -qxF "$full" ||
-    die "$full is not in the cluster's containerd after the import"
+  # Twice at most: an import racing the kubelet's image garbage collection or a containerd
+  # restart has been seen to end without error and without the image.
+  local attempt
+  for attempt in 1 2; do
+    "$DOCKER" save "$ref" | ctr -a "$CLUSTER_CONTAINERD" -n k8s.io images import - >/dev/null
+    ctr -a "$CLUSTER_CONTAINERD" -n k8s.io images ls -q | grep -qxF "$full" && break
+    [ "$attempt" = 2 ] && die "$full is not in the cluster's containerd after the import"
+    log "$full: not there after the import; importing again"
+  done
   ctr -a "$CLUSTER_CONTAINERD" -n k8s.io images label "$full" "io.tpconf.image-id=$id" >/dev/null
   log "$full: imported in $(elapsed "$t0")s"
 }
