@@ -91,7 +91,7 @@ def test_validate_an_invalid_file_exits_2_with_every_error(
         "t.yaml:5:5: deployments.a.expsoe: unknown key `expsoe`\n"
         "  hint: did you mean `expose`?\n"
         "t.yaml:6:13: deployments.a.method: `vpn` is not allowed: expected `inject-tcp` or "
-        "`vpn-tcp`\n"
+        "`vpn-tcp` or `container`\n"
         "  hint: did you mean `vpn-tcp`?\n"
     )
 

@@ -741,9 +741,15 @@ def exec_command(files: Files, name: str, command: tuple[str, ...]) -> int:
     pod_side, launch_env, prefix = reply.get("env"), reply.get("launch_env"), reply.get("prefix")
     assert isinstance(pod_side, dict) and isinstance(launch_env, dict)
     assert isinstance(prefix, list)
-    env = process_environment(os.environ, {str(k): str(v) for k, v in pod_side.items()})
+    contained = reply.get("contained") is True
+    if contained:  # a container: the pod's side reaches it through the prefix
+        env = dict(os.environ)
+        shell = "/bin/sh"  # the image's, not this machine's $SHELL
+    else:
+        env = process_environment(os.environ, {str(k): str(v) for k, v in pod_side.items()})
+        shell = os.environ.get("SHELL") or "/bin/sh"
     env.update({str(k): str(v) for k, v in launch_env.items()})
-    argv = [*map(str, prefix), *(command or (os.environ.get("SHELL") or "/bin/sh",))]
+    argv = [*map(str, prefix), *(command or (shell,))]
     program = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH"))
     if program is None:
         print_error(f"{name}: command not found: {argv[0]}")

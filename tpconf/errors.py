@@ -29,6 +29,7 @@ CLI, the reconciler's status, the control socket, the DNS server's log) goes thr
     │       └── ResolveTimeout*
     ├── ProcessError             the local command
     ├── MountError               (tpconf.volumes.sshfs) sshfs could not mount or unmount
+    ├── EngineError              (tpconf.engine) Docker missing, stopped or refusing; no image
     └── PrivilegeError           needs root / CAP_NET_ADMIN / FUSE
 
     * also ``Transient``: retrying after ``delay`` seconds can help.
@@ -203,6 +204,11 @@ class ProcessError(TpconfError):
 
 class PrivilegeError(TpconfError):
     """Raised when an operation needs root, CAP_NET_ADMIN or FUSE and does not have it."""
+
+
+class EngineError(TpconfError):
+    """Raised when the local container engine (Docker) is missing, stopped or refuses, or an
+    image the container method needs is not there."""
 
 
 class MountError(TpconfError):

@@ -95,12 +95,27 @@ INVALID = [
     (
         "method-typo",
         "version: 1\ndeployments:\n  hello:\n    new: true\n    method: vpn\n",
-        "telepresence.yaml:5:13: deployments.hello.method: `vpn` is not allowed: expected `inject-tcp` or `vpn-tcp`",
+        "telepresence.yaml:5:13: deployments.hello.method: `vpn` is not allowed: expected `inject-tcp` or `vpn-tcp` or `container`",
     ),
     (
-        "method-container",
+        "container-without-image",
         "version: 1\ndeployments:\n  hello:\n    new: true\n    method: container\n",
-        "telepresence.yaml:5:13: deployments.hello.method: `container` is not allowed: expected `inject-tcp` or `vpn-tcp`",
+        "telepresence.yaml:3:3: deployments.hello: method `container` needs `image`: the image the process runs in",
+    ),
+    (
+        "container-shell",
+        "version: 1\ndeployments:\n  hello:\n    new: true\n    method: container\n    image: app:dev\n    shell: true\n",
+        "telepresence.yaml:7:5: deployments.hello.shell: `shell: true` does not apply to method `container`",
+    ),
+    (
+        "container-args-network",
+        "version: 1\ndeployments:\n  hello:\n    new: true\n    method: container\n    image: app:dev\n    container-args: [--network=host]\n",
+        "telepresence.yaml:7:5: deployments.hello.container-args: `--network` cannot be in `container-args`: the app container joins the network container's namespace",
+    ),
+    (
+        "image-in-defaults",
+        "version: 1\ndefaults:\n  image: app:dev\ndeployments: {}\n",
+        "telepresence.yaml:3:3: defaults.image: `image` cannot be set in `defaults`",
     ),
     (
         "no-operation",

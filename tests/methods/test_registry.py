@@ -17,7 +17,7 @@ from tpconf.cli import print_status
 from tpconf.cluster import ClusterNetworks
 from tpconf.config import DEFAULT_METHOD, parse_project
 from tpconf.config.schema import docs_text, json_schema
-from tpconf.methods import REGISTRY, Link, Outbound, Services
+from tpconf.methods import REGISTRY, LaunchRequest, Link, Outbound, Services
 from tpconf.proxy import ClusterResolver
 from tpconf.reconcile import state
 from tpconf.reconcile.describe import describe_deployment
@@ -27,7 +27,9 @@ METHODS = sorted(REGISTRY)
 
 
 def file_text(method: str) -> str:
-    return f"version: 1\ndeployments:\n  web:\n    new: true\n    method: {method}\n"
+    runs_image = method in REGISTRY and REGISTRY[method].runs_image
+    image = "    image: app:dev\n" if runs_image else ""
+    return f"version: 1\ndeployments:\n  web:\n    new: true\n    method: {method}\n{image}"
 
 
 def test_the_registry_holds_the_default_method_and_each_under_its_own_name() -> None:
@@ -41,9 +43,10 @@ def test_each_method_is_accepted_by_the_loader_and_the_schema(name: str, tmp_pat
     project = parse_project(file_text(name), methods=REGISTRY, base_dir=tmp_path, env={})
     assert project.deployment("web").method == name
     schema = json_schema(REGISTRY)
-    jsonschema.validate(
-        {"version": 1, "deployments": {"web": {"new": True, "method": name}}}, schema
-    )
+    entry: dict[str, object] = {"new": True, "method": name}
+    if REGISTRY[name].runs_image:
+        entry["image"] = "app:dev"
+    jsonschema.validate({"version": 1, "deployments": {"web": entry}}, schema)
     method = schema["$defs"]["Deployment"]["properties"]["method"]
     assert name in method["enum"]
     assert f"`{name}` ({REGISTRY[name].summary})" in method["description"]
@@ -93,7 +96,7 @@ async def test_inject_tcp_runs_a_socks_server_and_wraps_the_process_with_torsock
             port = int(outbound.status().split(":")[1].split()[0])
             async with await anyio.connect_tcp("127.0.0.1", port):
                 pass  # the SOCKS server listens on loopback
-            with outbound.launch() as launch:
+            with outbound.launch(LaunchRequest(spec, {}, None, ())) as launch:
                 assert launch.prefix == ()  # torsocks's library is preloaded, no script runs
                 assert "libtorsocks" in launch.env["LD_PRELOAD"]
                 config = anyio.Path(launch.env["TORSOCKS_CONF_FILE"])

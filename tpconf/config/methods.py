@@ -47,6 +47,10 @@ class MethodRules(Protocol):
     def summary(self) -> str:
         """One sentence for the reference: how the process reaches the cluster, what it needs."""
 
+    @property
+    def runs_image(self) -> bool:
+        """Whether it runs the process in a container of `image` (`image` is refused otherwise)."""
+
     def check(self, specs: Sequence[DeploymentSpec], report: RuleReport) -> None:
         """Report what is wrong (or probably unintended) in the deployments using the method."""
 

@@ -401,6 +401,9 @@ class _Settings(_Model):
     agent_image: Image = DEFAULT_AGENT_IMAGE
     """Image of the proxy for `new` and `swap`. Defaults to `tpconf/agent:0.1.0`."""
 
+    container_args: tuple[NonEmpty, ...] = ()
+    """More `docker run` options for the app container of `method: container`, one argument per item. For example: `[--user, "1000", --workdir, /app]`. Defaults to none."""
+
 
 class Defaults(_Settings):
     """Values every deployment inherits. A key set on a deployment replaces the whole default value of that key (mappings such as `env` are not merged)."""
@@ -446,6 +449,9 @@ class Deployment(_Settings):
 
     context: OptionalContext = None
     """Kubernetes context (in kubeconfig) of the cluster. Defaults to the top-level `context`."""
+
+    image: Image | None = None
+    """With `method: container`, the image the process runs in, from the local Docker engine (tpconf never pulls it): its own command, or `run`. For example: `myapp:dev`."""
 
     profiles: tuple[ProfileName, ...] = ()
     """Start this deployment only when one of these profiles is active (`tpconf up --profile NAME`, or `$TPCONF_PROFILES`) or it is named on the command line (`tpconf up NAME`), as in docker compose. For example: `[debug]`. Defaults to none: always started."""
@@ -493,4 +499,5 @@ NOT_IN_DEFAULTS = {
     "namespace": "at the top level or on each deployment",
     "context": "at the top level or on each deployment",
     "profiles": "on each deployment",
+    "image": "on each deployment",
 }

@@ -159,6 +159,10 @@ class DeploymentSpec:
     """When ``run`` is started again after it exits."""
     profiles: tuple[str, ...] = ()
     """Started only when one of these is active or the deployment is named; empty: always."""
+    image: str | None = None
+    """The image the process runs in (a method that runs containers)."""
+    container_args: tuple[str, ...] = ()
+    """More ``docker run`` options for that container."""
 
     @property
     def target(self) -> str:

@@ -271,6 +271,8 @@ class _Resolver:
             from_pod=self.setting(name, deployment, "from_pod")[0],
             restart=restart,
             profiles=deployment.profiles,
+            image=deployment.image,
+            container_args=self.setting(name, deployment, "container_args")[0],
         )
 
     # -- across deployments ------------------------------------------------------------------------
@@ -280,8 +282,29 @@ class _Resolver:
         self.one_shell(specs)
         self.distinct_targets(specs)
         self.distinct_paths(specs)
+        self.image_needs_method(specs, methods)
         for name, rules in methods.items():
             rules.check([spec for spec in specs if spec.method == name], _Report(self))
+
+    def image_needs_method(self, specs: list[DeploymentSpec], methods: MethodCatalog) -> None:
+        """`image` and `container-args` only mean something to a method that runs containers."""
+        runners = [f"`{name}`" for name, rules in methods.items() if rules.runs_image]
+        for spec in specs:
+            if methods[spec.method].runs_image:
+                continue
+            own = self.file.deployments[spec.name].model_fields_set
+            for key in ("image", "container-args"):
+                # An inherited `container-args` is for the deployments that run containers.
+                if key.replace("-", "_") in own:
+                    self.warn(
+                        f"`{key}` has no effect with method `{spec.method}`: the process runs "
+                        "on this machine",
+                        ("deployments", spec.name, key),
+                        hint=f"set `method: {runners[0].strip('`')}` to run it in a container, "
+                        f"or remove `{key}`"
+                        if runners
+                        else f"remove `{key}`",
+                    )
 
     def own_or_inherited(self, spec: DeploymentSpec, attr: str) -> DocPath:
         return self.setting(spec.name, self.file.deployments[spec.name], attr)[1]

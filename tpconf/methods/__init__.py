@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tpconf.methods import inject_tcp, vpn_tcp
+from tpconf.methods import container, inject_tcp, vpn_tcp
 from tpconf.methods.base import (
     Launch,
+    LaunchRequest,
     Link,
     Method,
     MethodRuntime,
@@ -26,12 +27,14 @@ REGISTRY: Mapping[str, Method] = {
     for method in (
         inject_tcp.METHOD,
         vpn_tcp.METHOD,
+        container.METHOD,
     )
 }
 
 __all__ = [
     "REGISTRY",
     "Launch",
+    "LaunchRequest",
     "Link",
     "Method",
     "MethodRuntime",

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from anyio.abc import TaskGroup, TaskStatus
@@ -37,6 +38,20 @@ Notice = Callable[[str], None]
 
 
 @dataclass(frozen=True)
+class LaunchRequest:
+    """What a local process of the deployment is to see: what a method that runs the process
+    somewhere else (a container) must hand it itself."""
+
+    spec: DeploymentSpec
+    pod_env: Mapping[str, str]
+    """The pod's side of the environment: its variables, ``TELEPRESENCE_*``, `env.set`."""
+    root: Path | None
+    """Where the pod's filesystem is mounted here (``None``: `volumes: false`)."""
+    mounts: tuple[str, ...]
+    """The pod's mount points."""
+
+
+@dataclass(frozen=True)
 class Launch:
     """What a method adds to a local process it runs: a command prefix and variables."""
 
@@ -44,6 +59,15 @@ class Launch:
     """Put in front of the command (for example ``("/usr/bin/torsocks",)``)."""
     env: Mapping[str, str] = field(default_factory=dict)
     """Added to the process environment (over the pod's)."""
+    contained: bool = False
+    """The prefix starts a container that the method gives the pod's environment and volumes:
+    the command it is given runs with tpconf's own environment plus :attr:`env`, without
+    proot, and runs without a `run` too (the image's own command)."""
+    prepare: Callable[[], Awaitable[None]] | None = None
+    """Awaited before the command starts; raises a :class:`~tpconf.errors.TpconfError` that
+    says what is missing (the container method checks the image is there)."""
+    cleanup: Callable[[], Awaitable[None]] | None = None
+    """Awaited, shielded, once the command is stopped for good (what a killed prefix left)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,10 @@ class Link:
     discover_networks: Callable[[], Awaitable[ClusterNetworks]]
     """The cluster's pod and Service networks and its API server address (for routes)."""
     notice: Notice
+    delivered_ports: Callable[[DeploymentSpec], frozenset[int]] = lambda spec: frozenset()
+    """The local ports the cluster sends connections to for ``spec`` (`expose`, `from-pod`, a
+    swapped container's ports, an intercept's routes): where a method that runs the process
+    elsewhere must listen for it."""
 
     @property
     def name(self) -> str:
@@ -75,7 +103,7 @@ class Outbound(Protocol):
     async def update(self, spec: DeploymentSpec, project: Project) -> None:
         """Apply a change of the method's :meth:`Method.outbound_facet` without a restart."""
 
-    def launch(self) -> AbstractContextManager[Launch]:
+    def launch(self, request: LaunchRequest) -> AbstractContextManager[Launch]:
         """Set up what a local process needs, for as long as it runs (``with`` it)."""
 
 
@@ -95,6 +123,10 @@ class Services:
     """The session's root task group, for what outlives one deployment (the shared VPN)."""
     notice: Callable[[str, str], None]
     """A progress line: ``notice(deployment, text)``."""
+    session_id: str = ""
+    """The session's id (what a method labels the local things it starts with)."""
+    project_id: str = ""
+    """The project's id (a hash of its directory), likewise."""
 
 
 class Method(MethodRules, Protocol):

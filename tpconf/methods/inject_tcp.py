@@ -16,7 +16,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from tpconf.config import DeploymentSpec, Project, RuleReport
-from tpconf.methods.base import Launch, Link, MethodRuntime, Outbound, Services
+from tpconf.methods.base import Launch, LaunchRequest, Link, MethodRuntime, Outbound, Services
 
 # The SOCKS server and the torsocks wrapper are imported where they run: every command loads the
 # registry (`tpconf validate` too), and the proxy package with dnslib would add ~0.1 s to each.
@@ -35,7 +35,7 @@ class SocksOutbound:
         pass  # nothing of inject-tcp changes in place
 
     @contextlib.contextmanager
-    def launch(self) -> Iterator[Launch]:
+    def launch(self, request: LaunchRequest) -> Iterator[Launch]:
         from tpconf.supervisor import torsocks
 
         with torsocks.torsocks_wrapper(self.port) as wrapper:
@@ -59,6 +59,8 @@ class InjectTcp:
         "the process's connections and name lookups go through the proxy pod, by torsocks; "
         "no root needed"
     )
+
+    runs_image = False
 
     def check(self, specs: Sequence[DeploymentSpec], report: RuleReport) -> None:
         for spec in specs:

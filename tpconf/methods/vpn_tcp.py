@@ -33,7 +33,7 @@ from anyio.abc import TaskStatus
 
 from tpconf.config import DeploymentSpec, Project, RuleReport, VpnSpec
 from tpconf.errors import explain
-from tpconf.methods.base import Launch, Link, MethodRuntime, Outbound, Services
+from tpconf.methods.base import Launch, LaunchRequest, Link, MethodRuntime, Outbound, Services
 
 if TYPE_CHECKING:
     from tpconf.redirect import VPN
@@ -231,7 +231,7 @@ class VpnOutbound:
         await self.vpn.update(self.name, project.vpn, spec.also_proxy)
 
     @contextlib.contextmanager
-    def launch(self) -> Iterator[Launch]:
+    def launch(self, request: LaunchRequest) -> Iterator[Launch]:
         yield Launch()  # the whole machine is routed: the process needs nothing of its own
 
 
@@ -307,6 +307,8 @@ class VpnTcp:
 
     name = "vpn-tcp"
     summary = "routes for the cluster's networks on the whole machine; needs root"
+
+    runs_image = False
 
     def check(self, specs: Sequence[DeploymentSpec], report: RuleReport) -> None:
         for spec in specs[1:]:

@@ -17,13 +17,14 @@ cluster are cleaned up (a crashed ``up``'s local leftovers all go, they serve no
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 
-from tpconf import cluster, pids, volumes
+from tpconf import cluster, engine, pids, volumes
 from tpconf.config import ConfigFiles, Project, load_project
 from tpconf.errors import ConfigError, Explanation, TpconfError, explain
 from tpconf.methods import REGISTRY
@@ -129,7 +130,7 @@ async def down(
             report.done.append(f"stopped {shown} in the running tpconf up (the rest runs on)")
             return report
     snapshot = await _last_session(session, report)
-    await local_leftovers(session.state_dir, report)
+    await local_leftovers(session.state_dir, report, project=session.project)
     targets, only = _targets(snapshot, files, report, names)
     for context, namespace in sorted(targets, key=str):
         try:
@@ -162,9 +163,10 @@ async def down(
     return report
 
 
-async def local_leftovers(state_dir: Path, report: DownReport) -> None:
-    """What a crashed ``up`` left on this machine: its children's process groups, its sshfs
-    mounts, vpn-tcp's rules and DNS redirect. Each part is tried whatever the others did."""
+async def local_leftovers(state_dir: Path, report: DownReport, *, project: str = "") -> None:
+    """What a crashed ``up`` left on this machine: its children's process groups, the
+    container method's containers of ``project``, its sshfs mounts, vpn-tcp's rules and DNS
+    redirect. Each part is tried whatever the others did."""
     try:
         report.done.extend(
             await anyio.to_thread.run_sync(pids.stop_leftovers, state_dir / state.CHILDREN_FILE)
@@ -178,6 +180,8 @@ async def local_leftovers(state_dir: Path, report: DownReport) -> None:
                 hint=f"look for them with `ps -ef`, then remove the file (`rm {record}`)",
             )
         )
+    if project:
+        await _container_leftovers(project, report)
     try:
         report.done.extend(f"unmounted {path}" for path in await volumes.remove_leftover_mounts())
     except TpconfError as exc:
@@ -193,6 +197,32 @@ async def local_leftovers(state_dir: Path, report: DownReport) -> None:
         report.done.extend(f"removed iptables chain {chain}" for chain in sorted(removed))
         if owner is not None and owner.running():
             report.done.append(f"kept the vpn-tcp rules of {owner.describe()}: it still runs")
+
+
+async def _container_leftovers(project: str, report: DownReport) -> None:
+    """The containers of `method: container` the project's crashed ``up`` left running (its
+    docker commands were killed with it). No Docker here: there are none."""
+    if shutil.which("docker") is None:
+        return
+    try:
+        docker = engine.Docker.find()
+        removed = await docker.remove({engine.LABEL_MANAGED: "true", engine.LABEL_PROJECT: project})
+    except engine.EngineNotRunning:
+        return  # nothing runs in an engine that does not run
+    except TpconfError as exc:
+        report.warnings.append(
+            Explanation(
+                f"containers of `method: container` not checked: {exc.message}",
+                hint="if a `tpconf up` with `method: container` crashed here, remove its "
+                "containers: `docker ps --filter label=tpconf.io/managed`, then `docker rm -f`",
+            )
+        )
+        return
+    report.done.extend(
+        f"removed the {c.labels.get(engine.LABEL_ROLE, 'tpconf')} container {c.name} of "
+        f"{c.labels.get(engine.LABEL_DEPLOYMENT, '?')}"
+        for c in removed
+    )
 
 
 async def cluster_leftovers(

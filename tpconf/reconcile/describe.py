@@ -78,4 +78,3 @@ def describe_deployment(spec: DeploymentSpec) -> list[str]:
         command = spec.run if isinstance(spec.run, str) else shlex.join(spec.run)
         lines.append(f"+ run: {command}")
     return lines
-

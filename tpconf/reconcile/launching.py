@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tpconf import volumes
 from tpconf.config import DeploymentSpec
-from tpconf.methods import Launch, Outbound
+from tpconf.methods import Launch, LaunchRequest, Outbound
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 def command_prefix(
     spec: DeploymentSpec, launch: Launch, root: Path | None, mounts: tuple[str, ...]
 ) -> tuple[str, ...]:
-    """What goes in front of a command of ``spec``: proot outermost, then the method's prefix."""
+    """What goes in front of a command of ``spec``: proot outermost, then the method's prefix
+    (a container method mounts the real paths itself)."""
     prefix = launch.prefix
-    if spec.volumes is not None and spec.volumes.real_paths and root is not None:
+    real_paths = spec.volumes is not None and spec.volumes.real_paths
+    if real_paths and root is not None and not launch.contained:
         prefix = (*volumes.real_path_wrapper(str(root), mounts), *prefix)
     return tuple(prefix)
 
@@ -39,14 +41,15 @@ class HeldLaunches:
     def __init__(self) -> None:
         self._held: dict[str, tuple[Outbound, contextlib.ExitStack, Launch]] = {}
 
-    def get(self, name: str, outbound: Outbound) -> Launch:
-        """The launch for deployment ``name`` whose outbound side is ``outbound``."""
+    def get(self, name: str, outbound: Outbound, request: LaunchRequest) -> Launch:
+        """The launch for deployment ``name`` whose outbound side is ``outbound`` (``request``
+        is used when a new one is made)."""
         held = self._held.get(name)
         if held is not None and held[0] is outbound:
             return held[2]
         self.release(name)
         stack = contextlib.ExitStack()
-        launch = stack.enter_context(outbound.launch())
+        launch = stack.enter_context(outbound.launch(request))
         self._held[name] = (outbound, stack, launch)
         return launch
 

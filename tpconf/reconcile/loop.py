@@ -125,7 +125,12 @@ class Reconciler:
         self.deployments: dict[str, DeploymentState] = {}
         self.running: dict[str, Facets] = {}
         self.project: Project | None = None
-        method_services = MethodServices(task_group=tg, notice=output.notice)
+        method_services = MethodServices(
+            task_group=tg,
+            notice=output.notice,
+            session_id=session.session_id,
+            project_id=session.project,
+        )
         self.methods: Mapping[str, MethodRuntime] = {
             name: method.runtime(method_services) for name, method in REGISTRY.items()
         }

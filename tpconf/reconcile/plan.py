@@ -90,7 +90,15 @@ def facets_of(spec: DeploymentSpec, outbound: Hashable = ()) -> Facets:
         routes=(op.ports, op.headers) if isinstance(op, InterceptOp) else (),
         volumes=spec.volumes,
         # The process sees the pod env through these too, so a new pod restarts it (see plan).
-        process=(spec.run, spec.shell, spec.env.set, spec.method, spec.restart),
+        process=(
+            spec.run,
+            spec.shell,
+            spec.env.set,
+            spec.method,
+            spec.restart,
+            spec.image,
+            spec.container_args,
+        ),
         # The exported file holds the pod env with the overrides and TELEPRESENCE_ROOT.
         export=(spec.env.export, spec.env.set, spec.volumes),
     )

@@ -31,7 +31,7 @@ from anyio.abc import SocketStream, TaskStatus
 from tpconf import cluster, volumes
 from tpconf.config import DeploymentSpec, ExistingOp, InterceptOp, NewOp, Project, SwapOp
 from tpconf.errors import ProxyError, TpconfError, explain
-from tpconf.methods import Link, MethodRuntime, Outbound
+from tpconf.methods import Launch, LaunchRequest, Link, MethodRuntime, Outbound
 from tpconf.net import relay
 from tpconf.proxy import ClusterResolver
 from tpconf.reconcile.launching import command_prefix
@@ -185,6 +185,15 @@ def wanted_forwards(spec: DeploymentSpec, proxy: ProxyReady) -> set[Forward]:
         forwards |= {Forward(p, p, why=why) for p in proxy.proxy.ports if p not in exposed}
     forwards |= {Forward(p, p, bind="127.0.0.1", why="from-pod") for p in spec.from_pod}
     return forwards
+
+
+def delivered_ports(spec: DeploymentSpec, proxy: ProxyReady) -> frozenset[int]:
+    """The local ports the cluster sends connections to: the forwards', an intercept's routes'."""
+    ports = {forward.local for forward in wanted_forwards(spec, proxy)}
+    if isinstance(spec.operation, InterceptOp):
+        routes = route_specs(spec.operation, proxy.proxy.intercepted)
+        ports |= {route.local_port for route in routes}
+    return frozenset(ports)
 
 
 class ExposeReady:
@@ -379,13 +388,14 @@ async def _hold_intercept(
             failing = False
 
 
-def _target(ctx: Context, pod: cluster.PodRef) -> PortForwardTarget:
+def _target(ctx: Context, client: cluster.Cluster, pod: cluster.PodRef) -> PortForwardTarget:
     return PortForwardTarget(
         namespace=pod.namespace,
         resource=f"pod/{pod.pod}",
         kubectl=ctx.session.kubectl,
         kubeconfig=ctx.session.kubeconfig,
-        context=ctx.spec.context,
+        # The context tpconf resolved: the kubeconfig's current one may change while up runs.
+        context=client.context or ctx.spec.context,
     )
 
 
@@ -398,7 +408,7 @@ async def tunnel_unit(
     async def current_pod() -> PortForwardTarget:
         # A re-created pod has a new name: find the Ready one on every attempt.
         link.pod = await cluster.wait_for_pod(proxy.client, proxy.proxy, timeout=300)
-        return _target(ctx, link.pod)
+        return _target(ctx, proxy.client, link.pod)
 
     def on_state(event: TunnelEvent) -> None:
         link.state = event.state
@@ -438,6 +448,7 @@ async def outbound_unit(
                 cluster.discover_networks, proxy.client, proxy.request.namespace
             ),
             notice=ctx.notice,
+            delivered_ports=partial(delivered_ports, proxy=proxy),
         )
         runtime = ctx.services.methods[ctx.spec.method]
         async with anyio.create_task_group() as tg:
@@ -507,7 +518,7 @@ async def routes_unit(
         keys=proxy.keys,
         username=AGENT_USER,
         who=f"{ctx.session.owner} ({ctx.name})",
-        target=partial(_target, ctx),
+        target=partial(_target, ctx, proxy.client),
         notice=ctx.notice,
         specs=route_specs(op, proxy.proxy.intercepted),
     )
@@ -546,51 +557,81 @@ async def process_unit(
     policies; the default `no` leaves an exited command exited until the file changes)."""
     spec = ctx.spec
     status = ProcessStatus(shell=spec.shell)
-    if spec.run is None and not spec.shell:
-        task_status.started(ProcessReady(status))
-        await anyio.sleep_forever()
-        return
-    env = process_environment(os.environ, pod_env(spec, tunnel, mounted))
-    with outbound.outbound.launch() as launch:
-        env.update(launch.env)
-        prefix = command_prefix(spec, launch, mounted.root, mounted.mounts)
+    pod_side = pod_env(spec, tunnel, mounted)
+    request = LaunchRequest(spec, pod_side, mounted.root, mounted.mounts)
+    with outbound.outbound.launch(request) as launch:
+        if spec.run is None and not spec.shell and not launch.contained:
+            task_status.started(ProcessReady(status))
+            await anyio.sleep_forever()
+        try:
+            await _run_process(ctx, launch, request, status, task_status=task_status)
+        finally:
+            if launch.cleanup is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
+                    await launch.cleanup()
 
-        def exited(result: ProcessExit) -> None:
-            status.exit = result
 
-        def restarted(pid: int) -> None:
-            status.pid, status.exit = pid, None
-            status.restarts += 1
+async def _run_process(
+    ctx: Context,
+    launch: Launch,
+    request: LaunchRequest,
+    status: ProcessStatus,
+    *,
+    task_status: TaskStatus[ProcessReady],
+) -> None:
+    spec = ctx.spec
+    if launch.prepare is not None:
+        await launch.prepare()
+    # A contained process gets the pod's side from the method (the container's environment);
+    # the command that starts it runs with tpconf's own.
+    local = dict(os.environ) if launch.contained else None
+    env = local if local is not None else process_environment(os.environ, request.pod_env)
+    env.update(launch.env)
+    prefix = command_prefix(spec, launch, request.root, request.mounts)
 
-        cwd = str(ctx.project.base_dir)
-        async with anyio.create_task_group() as tg:
-            if spec.shell:
-                run = partial(run_shell, ctx.name, env, cwd=cwd, wrapper=prefix)
-                status.pid = await tg.start(_until_exit, run, exited)
-                task_status.started(ProcessReady(status))
-            else:
-                process = ProcessSpec(
-                    name=spec.name,
-                    env=env,
-                    argv=spec.run if isinstance(spec.run, tuple) else (),
-                    shell=spec.run if isinstance(spec.run, str) else None,
-                    cwd=cwd,
-                    wrapper=prefix,
-                )
-                supervise = partial(
-                    run_restarting,
-                    restart=spec.restart,
-                    output=ctx.services.output,
-                    on_start=restarted,
-                    on_exit=exited,
-                )
-                status.pid = await tg.start(supervise, process)
-                task_status.started(ProcessReady(status))
+    def exited(result: ProcessExit) -> None:
+        status.exit = result
+
+    def restarted(pid: int) -> None:
+        status.pid, status.exit = pid, None
+        status.restarts += 1
+
+    cwd = str(ctx.project.base_dir)
+    async with anyio.create_task_group() as tg:
         if spec.shell:
-            # `shell: true`: leaving the shell ends `tpconf up`, as in Telepresence 1.
-            ctx.notice("shell exited; stopping")
-            ctx.services.request_stop()
-        await anyio.sleep_forever()
+            run = partial(run_shell, ctx.name, env, cwd=cwd, wrapper=prefix)
+            status.pid = await tg.start(_until_exit, run, exited)
+            task_status.started(ProcessReady(status))
+        else:
+            argv = spec.run if isinstance(spec.run, tuple) else ()
+            shell = spec.run if isinstance(spec.run, str) else None
+            if launch.contained:
+                # All of it runs in the container (no `run`: the image's own command); only
+                # the prefix's first word is this machine's.
+                inner = ("/bin/sh", "-c", shell) if shell is not None else argv
+                argv, shell, prefix = (*prefix, *inner), None, ()
+            process = ProcessSpec(
+                name=spec.name,
+                env=env,
+                argv=argv,
+                shell=shell,
+                cwd=cwd,
+                wrapper=prefix,
+            )
+            supervise = partial(
+                run_restarting,
+                restart=spec.restart,
+                output=ctx.services.output,
+                on_start=restarted,
+                on_exit=exited,
+            )
+            status.pid = await tg.start(supervise, process)
+            task_status.started(ProcessReady(status))
+    if spec.shell:
+        # `shell: true`: leaving the shell ends `tpconf up`, as in Telepresence 1.
+        ctx.notice("shell exited; stopping")
+        ctx.services.request_stop()
+    await anyio.sleep_forever()
 
 
 async def _until_exit(

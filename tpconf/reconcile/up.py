@@ -32,7 +32,7 @@ import anyio
 from tpconf import pids
 from tpconf.config import ConfigFiles, DeploymentSpec, Project, load_project
 from tpconf.errors import ConfigError, TpconfError
-from tpconf.methods import REGISTRY
+from tpconf.methods import REGISTRY, LaunchRequest
 from tpconf.reconcile import control, state, units
 from tpconf.reconcile.launching import HeldLaunches, command_prefix
 from tpconf.reconcile.localpaths import outside_project
@@ -320,12 +320,15 @@ class Up:
         if dep is None or outbound is None or mounted is None:
             raise self._not_running(name)
         env = self.pod_env(name)
-        launch = self.launches.get(name, outbound.outbound)
         spec = dep.ctx.spec
+        request = LaunchRequest(spec, env, mounted.root, mounted.mounts)
+        launch = self.launches.get(name, outbound.outbound, request)
         return {
-            "env": env,
+            # A contained command (a container) gets the pod's side from its prefix.
+            "env": {} if launch.contained else env,
             "launch_env": dict(launch.env),
             "prefix": list(command_prefix(spec, launch, mounted.root, mounted.mounts)),
+            "contained": launch.contained,
         }
 
     async def select(self, add: Sequence[str], remove: Sequence[str]) -> dict[str, object]:
