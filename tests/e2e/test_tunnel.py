@@ -3,10 +3,13 @@ and reconnection after the pod is deleted. Drives tpconf.cluster and tpconf.tunn
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import uuid
 from collections.abc import AsyncIterator
 from functools import partial
+from pathlib import Path
 
 import anyio
 import pytest
@@ -25,6 +28,7 @@ from tpconf.tunnel import (
     port_forward_transport,
     run_tunnel,
 )
+from tpconf.tunnel.kubeapi import api_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300), pytest.mark.anyio]
 
@@ -129,4 +133,60 @@ async def test_deleting_the_agent_pod_reconnects_by_itself(
         assert [e.state.value for e in events if e.state.value == "reconnecting"]
         stream = await tunnel.dial(f"helloworld.{namespace}", 80)
         await stream.aclose()
+        tg.cancel_scope.cancel()
+
+
+def _api_connections(port: int) -> list[tuple[str, int]]:
+    """This process's TCP connections to the API server's ``port``: (local address, port)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if inode in inodes and int(remote.split(":")[1], 16) == port and fields[3] == "01":
+            ip = ".".join(str(b) for b in reversed(bytes.fromhex(local.split(":")[0])))
+            found.append((ip, int(local.split(":")[1], 16)))
+    return found
+
+
+async def test_in_process_port_forward_carries_dial_over_the_relay_and_recovers_a_cut(
+    agent: Agent, namespace: str
+) -> None:
+    """No kubectl child: SSH and the relay ride this process's own port-forward connection;
+    cutting that connection (as a dropped API server connection would) reconnects both."""
+    events: list[TunnelEvent] = []
+    api = await api_server(agent.target.kubectl, agent.target.kubeconfig, None)
+    assert api is not None  # the local cluster's kubeconfig: a client certificate
+    async with anyio.create_task_group() as tg:
+        tunnel = await tg.start(
+            partial(run_tunnel, on_state=events.append),
+            port_forward_transport(agent.target),
+            agent.keys.credentials("tpconf"),
+        )
+        live = tunnel.current
+        assert live is not None and live.relay is not None
+        host = f"helloworld.{namespace}.svc.cluster.local"
+        with anyio.fail_after(30):
+            async with await tunnel.dial(host, 80) as stream:
+                await stream.send(b"GET / HTTP/1.0\r\n\r\n")
+                await stream.send_eof()  # half-close: nginx still answers
+                body = b"".join([chunk async for chunk in stream])
+        assert b"Welcome to nginx!" in body
+        for local, port in _api_connections(api.port):
+            await anyio.run_process(
+                ["ss", "-K", "-t", "src", f"{local}:{port}", "dst", f"{api.host}:{api.port}"]
+            )
+        with anyio.fail_after(60):
+            while tunnel.current is live or tunnel.current is None:  # noqa: ASYNC110 (the supervisor's state)
+                await anyio.sleep(0.1)
+            async with await tunnel.dial(host, 80) as stream:
+                await stream.send(b"GET / HTTP/1.0\r\n\r\n")
+                assert (await stream.receive()).startswith(b"HTTP/1.1 200")
+        assert tunnel.current is not None and tunnel.current.relay is not None
+        assert "reconnecting" in [e.state.value for e in events]
         tg.cancel_scope.cancel()

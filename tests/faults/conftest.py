@@ -135,6 +135,10 @@ def heal() -> float:
 @pytest.fixture(scope="module")
 def scene(cluster: E2ECluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
     namespace = f"tpconf-faults-{uuid.uuid4().hex[:6]}"
+    # The first fault kills each deployment's `kubectl port-forward` child: ask for children
+    # (the in-process port-forward has no process to kill; its faults: tests/e2e/test_tunnel.py).
+    env = pytest.MonkeyPatch()
+    env.setenv("TPCONF_PORT_FORWARD", "kubectl")
     cluster.kubectl("create", "namespace", namespace)
     project = tmp_path_factory.mktemp("faults")
     try:
@@ -185,4 +189,5 @@ deployments:
                 if up.process is not None and up.process.poll() is None:
                     up.kill()
     finally:
+        env.undo()
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)

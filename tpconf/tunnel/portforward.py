@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO
 
 import anyio
@@ -40,6 +40,9 @@ from tpconf.tunnel.kubeapi import api_server
 from tpconf.tunnel.session import Transport
 
 log = logging.getLogger(__name__)
+
+#: ``TPCONF_PORT_FORWARD=kubectl``: always a ``kubectl port-forward`` child (no relay either).
+PORT_FORWARD_ENV = "TPCONF_PORT_FORWARD"
 
 _FORWARDING = re.compile(rb"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)")
 
@@ -57,7 +60,7 @@ class PortForwardTarget:
     kubeconfig: str | None = None
     """One file or a ``:``-separated list, as in ``$KUBECONFIG`` (``None``: kubectl's own)."""
     context: str | None = None
-    in_process: bool = True
+    in_process: bool = field(default_factory=lambda: os.environ.get(PORT_FORWARD_ENV) != "kubectl")
     """Speak port-forward in this process (:mod:`tpconf.tunnel.spdy`) when kubectl's settings for
     the context allow it (:mod:`tpconf.tunnel.kubeapi`), instead of a ``kubectl`` child per
     connection: no 55 MB process per deployment, and the relay's fast data path. ``False``
