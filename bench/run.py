@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from bench import dns, intercept, loopback, net, startup, transport, tuning, up, vpn
+from bench import container, dns, intercept, loopback, net, startup, transport, tuning, up, vpn
 from bench.context import FULL, QUICK, Bench
 from bench.kube import bench_namespace
 
@@ -47,6 +47,7 @@ MEASUREMENTS: list[tuple[str, Measure]] = [
     ("reload", up.hot_reload),
     ("volumes", up.volumes),
     ("intercept", intercept.intercept),
+    ("container", container.container),
 ]
 GROUPS = {"rtt": "net", "bulk": "net", "concurrency": "net"}
 #: Measurements with vpn-tcp variants: the laptop namespace (bench.vpn) runs from before the
