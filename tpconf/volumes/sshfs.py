@@ -300,6 +300,19 @@ def _knows_option(sshfs: str, option: str) -> bool:
     return option in help_text.stdout + help_text.stderr
 
 
+@functools.cache
+def _root_may_read() -> bool:
+    """Whether to let root read the mounts: not root ourselves, and FUSE allows it
+    (``user_allow_other`` in /etc/fuse.conf; without it the mount would fail)."""
+    if os.geteuid() == 0:
+        return False
+    try:
+        lines = Path("/etc/fuse.conf").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.strip() == "user_allow_other" for line in lines)
+
+
 def sshfs_argv(mount: Mount, *, sshfs: str = "sshfs") -> list[str]:
     """The sshfs command line for ``mount`` in passive mode (SFTP on stdin/stdout)."""
     # transform_symlinks: the pod's absolute symlinks (Debian's /var/run -> /run) must resolve
@@ -311,6 +324,10 @@ def sshfs_argv(mount: Mount, *, sshfs: str = "sshfs") -> list[str]:
         options.append("no_contain_symlinks")
     if mount.read_only:
         options.append("ro")
+    if _root_may_read():
+        # The container method's engine runs as root, and FUSE keeps even root out of another
+        # user's mount unless it says otherwise.
+        options.append("allow_root")
     source = f"{source_host()}:{mount.remote_path}"
     return [sshfs, source, str(mount.local_path), "-f", "-o", ",".join(options)]
 
