@@ -402,7 +402,7 @@ class _Settings(_Model):
     """Image of the proxy for `new` and `swap`. Defaults to `tpconf/agent:0.1.0`."""
 
     container_args: tuple[NonEmpty, ...] = ()
-    """More `docker run` options for the app container of `method: container`, one argument per item. For example: `[--user, "1000", --workdir, /app]`. Defaults to none."""
+    """More `docker run` options for the app container of `method: container`, one argument per item; a relative source of `--volume` is relative to the directory of telepresence.yaml, as in compose. For example: `[--user, "1000", --volume, "./src:/app/src"]`. Defaults to none."""
 
 
 class Defaults(_Settings):

@@ -127,6 +127,29 @@ def _mount(source: str, target: str, *, read_only: bool = False) -> list[str]:
     return ["--mount", line.getvalue()]
 
 
+def relative_sources(args: Sequence[str], base: Path) -> list[str]:
+    """`container-args` with the relative sources of ``-v``/``--volume`` made absolute against
+    the project's folder, as compose reads ``./src:/app`` (Docker itself refuses them)."""
+    out: list[str] = []
+    follows_flag = False
+    for arg in args:
+        if follows_flag:
+            out.append(_absolute_source(arg, base))
+        elif arg.startswith("--volume="):
+            out.append("--volume=" + _absolute_source(arg.removeprefix("--volume="), base))
+        else:
+            out.append(arg)
+        follows_flag = arg in ("-v", "--volume")
+    return out
+
+
+def _absolute_source(volume: str, base: Path) -> str:
+    source, colon, rest = volume.partition(":")
+    if source in (".", "..") or source.startswith(("./", "../")):
+        source = os.path.normpath(base / source)
+    return source + colon + rest
+
+
 def volume_args(root: Path | None, mounts: Sequence[str]) -> list[str]:
     """The pod's filesystem at ``TELEPRESENCE_ROOT`` (the same path inside), and each of the
     pod's mount points at its real path."""
@@ -261,7 +284,7 @@ class ContainerOutbound:
                 *label_args(labels),
                 *env.args,
                 *volume_args(request.root, request.mounts),
-                *spec.container_args,
+                *relative_sources(spec.container_args, self.link.project.base_dir),
                 image,
             ]
 
