@@ -23,8 +23,11 @@ import pytest
 
 from tests.conftest import E2ECluster
 from tests.e2e.harness import (
+    NGINX,
     TOOLS,
     Up,
+    deploy,
+    deployment,
     file_text,
     helloworld,
     run_tpconf,
@@ -138,8 +141,10 @@ exec python3 -m http.server 8080 --directory /out/www
 
 
 def entry(name: str, **settings: object) -> str:
-    """A `method: container` deployment of the tools image; ``settings`` as JSON values."""
-    lines = [f"  {name}:", "    new: true", "    method: container", f"    image: {TOOLS}"]
+    """A `method: container` deployment of the tools image (`new` unless ``settings`` name
+    another operation); ``settings`` as JSON values."""
+    operation = [] if {"swap", "intercept", "existing"} & set(settings) else ["    new: true"]
+    lines = [f"  {name}:", *operation, "    method: container", f"    image: {TOOLS}"]
     lines += [
         f"    {key.replace('_', '-')}: {json.dumps(value)}" for key, value in settings.items()
     ]
@@ -165,7 +170,14 @@ def seed_config(ns: str, out: Path, probe: Path, *, version: str) -> str:
         container_args=["--volume", f"{probe}:/probe:ro"],
         run=["/probe", "http://helloworld/"],
     )
-    return config(ns, app, static)
+    web = entry(
+        "web",
+        swap=True,
+        volumes=False,
+        container_args=["--volume", f"{out}:/out"],
+        run=["sh", "-c", "env > /out/web.tmp && mv /out/web.tmp /out/web.env; exec sleep 3600"],
+    )
+    return config(ns, app, static, web)
 
 
 def test_the_container_lives_on_the_cluster_network_and_reloads_only_the_app(
@@ -179,6 +191,10 @@ def test_the_container_lives_on_the_cluster_network_and_reloads_only_the_app(
     ns = namespace
     helloworld(cluster, ns)
     tools_pod(cluster, ns)
+    # A Deployment to swap whose env has what changes how programs start: withheld from a
+    # process on this machine, but the container runs the pod's own kind of image.
+    web_vars = {"MYENV": "hello-from-the-pod", "NODE_OPTIONS": "--max-old-space-size=64"}
+    deploy(cluster, ns, deployment("web", NGINX, env=web_vars, ports=[80]))
     out = tmp_path / "out"
     (out / "www").mkdir(parents=True)
     (out / "www" / "marker.txt").write_text("served from the container\n")
@@ -187,6 +203,7 @@ def test_the_container_lives_on_the_cluster_network_and_reloads_only_the_app(
     try:
         up.wait_for(r"^app ready")
         up.wait_for(r"^static ready")
+        up.wait_for(r"^web ready")
         # Services by their three names, from a process with no network but the cluster's.
         for page in ("short.html", "ns.html", "fqdn.html"):
             path = out / page
@@ -202,6 +219,11 @@ def test_the_container_lives_on_the_cluster_network_and_reloads_only_the_app(
         # The pod's volumes at their real paths, and under TELEPRESENCE_ROOT.
         wait_until(lambda: file_text(out / "sa-root.txt") == ns, 30, "the volume under the root")
         assert file_text(out / "sa-real.txt") == ns
+        # The swapped Deployment's env, all of it.
+        wait_until(lambda: (out / "web.env").exists(), 60, "the swapped container's env")
+        web_env = file_text(out / "web.env")
+        assert "MYENV=hello-from-the-pod" in web_env, web_env
+        assert "NODE_OPTIONS=--max-old-space-size=64" in web_env, web_env
         # The static Go binary reached the Service (torsocks cannot wrap it).
         up.wait_for(r"static\s*\| probe status 200 title Welcome to nginx!")
 
@@ -246,12 +268,14 @@ def test_the_container_lives_on_the_cluster_network_and_reloads_only_the_app(
         apps_after = containers(docker, "tpconf.io/deployment=app", "tpconf.io/role=app")
         assert len(apps_after) == 1 and apps_after[0]["ID"] != apps[0]["ID"]
         assert tpconf_status_json(cluster, tmp_path)["app"] == pod_before  # same proxy pod
-        assert not re.search(r"^[-+~] (static|app: (?!process))", up.output[mark:], re.MULTILINE)
+        changed = re.findall(r"^[-+~] \S+: \S+", up.output[mark:], re.MULTILINE)
+        assert set(changed) == {"- app: process", "+ app: process"}, changed
     finally:
         assert up.stop() == 0, up.output[-3000:]
     # Ctrl-C leaves nothing in Docker.
     assert containers(docker, "tpconf.io/managed=true", "tpconf.io/deployment=app") == []
     assert containers(docker, "tpconf.io/managed=true", "tpconf.io/deployment=static") == []
+    assert containers(docker, "tpconf.io/managed=true", "tpconf.io/deployment=web") == []
 
 
 def tpconf_status_json(cluster: E2ECluster, project: Path) -> dict[str, str]:

@@ -49,6 +49,10 @@ class LaunchRequest:
     """Where the pod's filesystem is mounted here (``None``: `volumes: false`)."""
     mounts: tuple[str, ...]
     """The pod's mount points."""
+    withheld: Mapping[str, str] = field(default_factory=dict)
+    """The pod's variables left out of :attr:`pod_env` because they change how programs on this
+    machine start (``LD_PRELOAD``, ``NODE_OPTIONS``, ...): a method that runs the process in
+    the pod's own image hands them over too."""
 
 
 @dataclass(frozen=True)

@@ -272,7 +272,8 @@ class ContainerOutbound:
         launch_id = f"{self.network}-{next(self.launches)}"
         labels = {**self.labels, LABEL_ROLE: "app", LABEL_LAUNCH: launch_id}
         with tempfile.TemporaryDirectory(prefix="tpconf-env-") as private:
-            env = _EnvFile.write(Path(private), request.pod_env)
+            # The pod's image runs here: what the pod starts with, it starts with.
+            env = _EnvFile.write(Path(private), {**request.withheld, **request.pod_env})
             run = [
                 "--rm",
                 "--interactive",

@@ -45,6 +45,7 @@ from tpconf.supervisor import (
     pod_environment,
     process_environment,
     run_shell,
+    withheld_variables,
     write_export,
 )
 from tpconf.supervisor.process import run_restarting
@@ -558,8 +559,18 @@ async def process_unit(
     spec = ctx.spec
     status = ProcessStatus(shell=spec.shell)
     pod_side = pod_env(spec, tunnel, mounted)
-    request = LaunchRequest(spec, pod_side, mounted.root, mounted.mounts)
+    overrides = spec.env.as_dict()
+    withheld = {
+        name: tunnel.pod_info.env[name]
+        for name in withheld_variables(tunnel.pod_info.env, overrides)
+    }
+    request = LaunchRequest(spec, pod_side, mounted.root, mounted.mounts, withheld)
     with outbound.outbound.launch(request) as launch:
+        if withheld and not launch.contained:
+            ctx.notice(
+                f"the pod's {', '.join(withheld)} not passed on: they change how programs on "
+                "this machine start (set them in `env.set` to pass them)"
+            )
         if spec.run is None and not spec.shell and not launch.contained:
             task_status.started(ProcessReady(status))
             await anyio.sleep_forever()

@@ -16,6 +16,7 @@ from tpconf.supervisor.env import (
     telepresence_variables,
     to_dotenv,
     to_json,
+    withheld_variables,
     write_export,
 )
 from tpconf.supervisor.output import CaptureSink, ConsoleSink, OutputSink
@@ -40,5 +41,6 @@ __all__ = [
     "to_dotenv",
     "to_json",
     "torsocks_wrapper",
+    "withheld_variables",
     "write_export",
 ]
