@@ -425,8 +425,9 @@ def check_existing(deployment: Mapping[str, Any], agent_image: str) -> str:
         raise errors.ClusterError(
             f'Deployment "{name}" does not run the tpconf agent: no container uses '
             f"{agent_image} or another */{AGENT_REPOSITORY} image (containers: {images})",
-            hint=f"use `swap:` instead of `existing:` for an ordinary workload, or run "
-            f"{agent_image} in it (docs/agent.md)",
+            hint=f"use `swap:` instead of `existing:` for an ordinary workload, or add a "
+            f"container of {agent_image} to it that mounts Secret {keys_secret_name(name)} at "
+            f"{KEYS_MOUNT}",
         )
     agent = agents[0]
     secret = keys_secret_name(name)
@@ -446,7 +447,7 @@ def check_existing(deployment: Mapping[str, Any], agent_image: str) -> str:
             f'mount Secret "{secret}" at {KEYS_MOUNT}',
             hint=f"add a volume {{secret: {{secretName: {secret}, defaultMode: 0{KEYS_MODE:o}}}}} "
             f"and a volumeMount at {KEYS_MOUNT} (readOnly) to the agent container; tpconf writes "
-            "the keys into that Secret (docs/agent.md has the whole Deployment)",
+            "the keys into that Secret",
         )
     return str(agent["name"])
 

@@ -15,6 +15,7 @@ is gone and only then removes the folder, with ``rmdir``: never a recursive dele
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
@@ -44,6 +45,8 @@ SftpOpener = Callable[[], Awaitable[ByteStream]]
 #: made the mount, by :class:`~tpconf.pids.ProcessId`): shows in ``mount``, marks a mount as
 #: tpconf's and says whether the ``up`` that made it still runs (:func:`owner`).
 SOURCE_HOST = "tpconf"
+#: Bytes of sshfs's error output kept to explain a failed mount (its last words).
+STDERR_TAIL = 4096
 
 
 @dataclass(frozen=True)
@@ -357,11 +360,13 @@ async def _mount_once(
         raise
     assert process.stdin is not None and process.stdout is not None
     local = StapledByteStream(process.stdin, process.stdout)
-    errors: list[bytes] = []
+    errors: collections.deque[bytes] = collections.deque(maxlen=16)
 
     async def collect_stderr() -> None:
+        # The last lines say why a mount failed; a chatty sshfs must not grow tpconf.
         assert process.stderr is not None
-        errors.extend([chunk async for chunk in process.stderr])
+        async for chunk in process.stderr:
+            errors.append(chunk[-STDERR_TAIL:])
 
     mounted = False
     try:
@@ -392,7 +397,7 @@ async def _mount_once(
             await local.aclose()
             await stream.aclose()
     if not mounted:
-        message = b"".join(errors).decode(errors="replace").strip()
+        message = b"".join(errors)[-STDERR_TAIL:].decode(errors="replace").strip()
         raise MountError(
             f"sshfs could not mount {mount.remote_path} at {mount.local_path}: "
             + (message or f"not mounted after {ready_timeout} s")
