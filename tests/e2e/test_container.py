@@ -318,6 +318,27 @@ def test_down_after_kill_9_removes_the_containers(
     assert "NotFound" in cluster.kubectl("-n", ns, "get", "deployment", "app", check=False).stderr
 
 
+def test_a_killed_up_leaves_no_container_running(
+    cluster: E2ECluster,
+    namespace: str,
+    tmp_path: Path,
+    docker: str,
+    project_containers: None,
+) -> None:
+    """kill -9 of `up` alone: the docker commands get SIGTERM from the kernel (and from the
+    janitor), pass it on, and both containers stop and are removed without `tpconf down`."""
+    write_config(tmp_path, config(namespace, entry("app", volumes=False, run=["sleep", "3600"])))
+    up = Up(cluster, tmp_path).start()
+    try:
+        up.wait_for(r"^app ready")
+        assert len(containers(docker, "tpconf.io/deployment=app")) == 2
+    finally:
+        up.kill()
+    wait_until(
+        lambda: containers(docker, "tpconf.io/deployment=app") == [], 30, "the containers to go"
+    )
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid``."""
     children = subprocess.run(

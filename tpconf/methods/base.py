@@ -18,6 +18,7 @@ docs/architecture.md, "Adding a method", walks through the steps.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -72,6 +73,9 @@ class Launch:
     says what is missing (the container method checks the image is there)."""
     cleanup: Callable[[], Awaitable[None]] | None = None
     """Awaited, shielded, once the command is stopped for good (what a killed prefix left)."""
+    death_signal: signal.Signals = signal.SIGKILL
+    """What the kernel sends the command when tpconf dies: SIGTERM for a prefix that passes
+    it on before it ends (``docker run``)."""
 
 
 @dataclass(frozen=True)

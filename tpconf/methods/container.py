@@ -301,6 +301,8 @@ class ContainerOutbound:
                 contained=True,
                 prepare=prepare,
                 cleanup=cleanup,
+                # If up dies, docker must live long enough to stop the container.
+                death_signal=signal.SIGTERM,
             )
 
 

@@ -628,6 +628,7 @@ async def _run_process(
                 shell=shell,
                 cwd=cwd,
                 wrapper=prefix,
+                death_signal=launch.death_signal,
             )
             supervise = partial(
                 run_restarting,

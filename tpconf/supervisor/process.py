@@ -94,6 +94,10 @@ class ProcessSpec:
     kill_grace: float = 1.0
     """Seconds to wait for the group to disappear after SIGKILL."""
 
+    death_signal: signal.Signals = signal.SIGKILL
+    """What the kernel sends the command if tpconf dies. SIGTERM for a command that must pass
+    it on before it ends (``docker run`` stops its container), else the default SIGKILL."""
+
     def __post_init__(self) -> None:
         if bool(self.argv) == (self.shell is not None):
             raise ValueError("ProcessSpec needs exactly one of argv and shell")
@@ -324,6 +328,7 @@ async def run_process(
     try:
         process = await open_child(
             spec.command,
+            death_signal=spec.death_signal,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
