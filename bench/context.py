@@ -21,6 +21,8 @@ class Sizes:
     bulk_bytes: int
     bulk_runs: int
     concurrent: int
+    sequential: int
+    """Connections one after the other through inject-tcp (RSS and fds back at baseline)."""
     dns_count: int
     startup_runs: int
     transport_runs: int
@@ -42,6 +44,7 @@ FULL = Sizes(
     bulk_bytes=200 * 1000 * 1000,
     bulk_runs=3,
     concurrent=1000,
+    sequential=10_000,
     dns_count=50,
     startup_runs=5,
     transport_runs=3,
@@ -60,6 +63,7 @@ QUICK = Sizes(
     bulk_bytes=2 * 1000 * 1000,
     bulk_runs=1,
     concurrent=50,
+    sequential=200,
     dns_count=5,
     startup_runs=1,
     transport_runs=1,

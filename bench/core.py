@@ -69,6 +69,16 @@ def at_least_ratio(ratio: float) -> Callable[[Row, Row | None], bool]:
     return check
 
 
+def at_most_ratio(ratio: float) -> Callable[[Row, Row | None], bool]:
+    """Target: median at most ``ratio`` times the reference's median (latency, CPU)."""
+
+    def check(row: Row, ref: Row | None) -> bool:
+        assert row.median is not None and ref is not None and ref.median
+        return row.median / ref.median <= ratio
+
+    return check
+
+
 def below(limit: float) -> Callable[[Row, Row | None], bool]:
     """Target: median below ``limit`` (in the row's unit)."""
 

@@ -81,8 +81,11 @@ def local_echo() -> Iterator[tuple[str, int]]:
 
 
 @contextmanager
-def kubectl_port_forward(namespace: str, resource: str, port: int) -> Iterator[tuple[str, int]]:
-    """A bare ``kubectl port-forward RESOURCE :PORT``; each local connection is a new stream."""
+def kubectl_port_forward(
+    namespace: str, resource: str, port: int, pids: list[int] | None = None
+) -> Iterator[tuple[str, int]]:
+    """A bare ``kubectl port-forward RESOURCE :PORT``; each local connection is a new stream.
+    Its pid is appended to ``pids`` (for CPU accounting)."""
     cmd = [KUBECTL]
     if kubeconfig():
         cmd += ["--kubeconfig", str(kubeconfig())]
@@ -90,6 +93,8 @@ def kubectl_port_forward(namespace: str, resource: str, port: int) -> Iterator[t
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
+    if pids is not None:
+        pids.append(proc.pid)
     try:
         match = read_line(proc, r"Forwarding from 127\.0\.0\.1:(\d+)", 30)
         yield ("127.0.0.1", int(match.group(1)))

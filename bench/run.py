@@ -17,7 +17,19 @@ from typing import Any
 
 import anyio
 
-from bench import container, dns, intercept, loopback, net, startup, transport, tuning, up, vpn
+from bench import (
+    container,
+    dns,
+    intercept,
+    loopback,
+    net,
+    start,
+    startup,
+    transport,
+    tuning,
+    up,
+    vpn,
+)
 from bench.context import FULL, QUICK, Bench
 from bench.kube import bench_namespace
 
@@ -33,12 +45,15 @@ async def _net(bench: Bench) -> None:
                 await anyio.to_thread.run_sync(fn, bench, routes)
         if not bench.only or "concurrency" in bench.only:
             await net.concurrency(bench, routes)
+        if not bench.only or "sequential" in bench.only:
+            await anyio.to_thread.run_sync(net.sequential, bench, routes)
 
 
 #: In table order. Adding a row = one function here.
 MEASUREMENTS: list[tuple[str, Measure]] = [
     ("net", _net),
     ("dns", dns.dns),
+    ("start", start.start),
     ("transport", transport.transport),
     ("startup", startup.startup),
     ("tuning", tuning.tuning),
@@ -49,7 +64,7 @@ MEASUREMENTS: list[tuple[str, Measure]] = [
     ("intercept", intercept.intercept),
     ("container", container.container),
 ]
-GROUPS = {"rtt": "net", "bulk": "net", "concurrency": "net"}
+GROUPS = {"rtt": "net", "bulk": "net", "concurrency": "net", "sequential": "net"}
 #: Measurements with vpn-tcp variants: the laptop namespace (bench.vpn) runs from before the
 #: first of them until the last one is done.
 VPN_USERS = {"net", "dns"}

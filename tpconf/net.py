@@ -128,7 +128,7 @@ class ReceiveBuffer:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._source: Pausable | None = None
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes | memoryview] = deque()
         self.buffered = 0
         """Bytes waiting to be read."""
         self._paused = False
@@ -142,7 +142,8 @@ class ReceiveBuffer:
         """The transport or channel to pause (known only once the connection is made)."""
         self._source = source
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
+        """What arrived; a memoryview (of a larger read, no copy yet) is copied once, when read."""
         if self._closed:
             return
         self._chunks.append(data)
@@ -194,7 +195,7 @@ class ReceiveBuffer:
                 self._chunks.appendleft(first[max_bytes:])
                 first = first[:max_bytes]
             self.buffered -= len(first)
-            return first
+            return first if isinstance(first, bytes) else bytes(first)
         parts = [first]
         size = len(first)
         while self._chunks and size + len(self._chunks[0]) <= max_bytes:
@@ -202,7 +203,9 @@ class ReceiveBuffer:
             parts.append(chunk)
             size += len(chunk)
         self.buffered -= size
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) == 1:
+            return first if isinstance(first, bytes) else bytes(first)
+        return b"".join(parts)
 
 
 class WriteGate:

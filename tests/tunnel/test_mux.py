@@ -248,3 +248,29 @@ async def test_when_the_relay_ends_the_tunnel_closes_for_a_reconnect(keys: Proxy
             with anyio.fail_after(5):
                 reason = await tunnel.wait_closed()
             assert reason
+
+
+async def test_sftp_runs_as_a_subsystem_channel_and_ends_with_our_eof() -> None:
+    async with relay_session() as (session, _):
+        await session.handshake(5)
+        with anyio.fail_after(10):
+            channel = await session.open_subsystem("sftp")
+            async with channel:
+                await channel.send(struct.pack(">IBI", 5, 1, 3))  # SSH_FXP_INIT, version 3
+                reply = b""
+                while len(reply) < 9:
+                    reply += await channel.receive()
+                length, kind, version = struct.unpack(">IBI", reply[:9])
+                assert (kind, version) == (2, 3)  # SSH_FXP_VERSION 3: sftp-server answers
+                await channel.send_eof()  # sftp-server exits at EOF, and the channel ends
+                rest = b"".join([chunk async for chunk in channel])
+                assert len(reply) + len(rest) == 4 + length
+        assert session.channel_count == 0
+
+
+async def test_an_unknown_subsystem_is_refused() -> None:
+    async with relay_session() as (session, _):
+        await session.handshake(5)
+        with anyio.fail_after(5), pytest.raises(OSError) as caught:
+            await session.open_subsystem("shell")
+        assert caught.value.errno == errno.ENOENT

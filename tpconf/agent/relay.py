@@ -5,8 +5,8 @@ tpconf starts it over its SSH connection (``tpconf-agent relay``, an exec sessio
 fresh random key on its stdin. The relay listens on 127.0.0.1 (port 0: the kernel picks one),
 prints the port, accepts **one** connection (tpconf's, through the API server's port-forward),
 closes the listener and authenticates it by challenge and response with the key (HMAC-SHA256,
-both ways). From then on that one connection carries every ``dial()`` of the session as
-channels: ``OPEN host port`` → the relay connects from the pod → ``OPEN_OK`` or ``OPEN_FAIL``
+both ways). From then on that one connection carries every ``dial()`` of the session, and
+the volumes' SFTP (``OPEN_SUBSYSTEM sftp``: ``sftp-server`` on the channel), as channels: ``OPEN host port`` → the relay connects from the pod → ``OPEN_OK`` or ``OPEN_FAIL``
 with the errno; ``DATA``, ``EOF`` (half-close), ``CLOSE``; ``WINDOW`` re-opens a channel's send
 window as the receiver consumes, so neither side ever holds more than a window per channel and
 neither ever stops reading the connection (the runtime's port-forward has no flow control: a
@@ -28,6 +28,7 @@ import hmac
 import os
 import socket
 import struct
+import subprocess
 import sys
 from typing import Any, Protocol
 
@@ -36,7 +37,9 @@ NONCE = 32
 CLIENT_LABEL = b"tpconf-relay client"
 SERVER_LABEL = b"tpconf-relay server"
 
-OPEN, OPEN_OK, OPEN_FAIL, DATA, EOF, CLOSE, WINDOW = 1, 2, 3, 4, 5, 6, 7
+OPEN, OPEN_OK, OPEN_FAIL, DATA, EOF, CLOSE, WINDOW, OPEN_SUBSYSTEM = 1, 2, 3, 4, 5, 6, 7, 8
+#: The subsystems ``OPEN_SUBSYSTEM`` may start (the volumes' sshfs speaks SFTP to this one).
+SUBSYSTEMS = {"sftp": ["/usr/lib/openssh/sftp-server"]}
 HEADER = struct.Struct(">BII")
 #: Largest payload of a frame either side sends or accepts.
 MAX_FRAME = 1024 * 1024
@@ -47,19 +50,31 @@ ACCEPT_TIMEOUT = 30.0
 FAIL_OSERROR, FAIL_GAIERROR = 0, 1
 
 
+def _literal_family(host: str) -> int | None:
+    """The address family of an IP literal, or None for a name."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None
+
+
 def mac(key: bytes, label: bytes, nonce: bytes) -> bytes:
     return hmac.new(key, label + nonce, hashlib.sha256).digest()
 
 
 class Upstream(asyncio.Protocol):
-    """The pod-side TCP connection of one channel."""
+    """The pod-side TCP connection of one channel: ``transport`` is read and written."""
 
     def __init__(self, mux: Mux, channel: int, window: int) -> None:
         self.mux = mux
         self.channel = channel
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None  # what is read (paused while tpconf's window is shut)
+        self.writer: Any = None  # what tpconf's bytes go to
         self.send_window = window  # bytes tpconf will still take on this channel
-        self.pending: list[bytes] = []
+        self.pending: list[memoryview] = []
         self.pending_size = 0
         self.eof_pending = False
         self.received = 0  # DATA bytes from tpconf written to the transport
@@ -68,11 +83,11 @@ class Upstream(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: Any) -> None:  # uvloop's are not asyncio.Transport
-        self.transport = transport
+        self.transport = self.writer = transport
         transport.set_write_buffer_limits(high=WINDOW_SIZE // 4, low=0)
 
     def data_received(self, data: bytes) -> None:
-        self.pending.append(data)
+        self.pending.append(memoryview(data))
         self.pending_size += len(data)
         self.flush()
 
@@ -111,19 +126,19 @@ class Upstream(asyncio.Protocol):
             self.eof_pending = False
             self.mux.send(EOF, self.channel)
 
-    def write(self, data: bytes) -> None:
-        if self.transport is None or self.closed:
+    def write(self, data: bytes | memoryview) -> None:
+        if self.writer is None or self.closed:
             return
-        self.transport.write(data)
+        self.writer.write(data)
         self.received += len(data)
         self.ack()
 
     def ack(self) -> None:
         """Re-open tpconf's window by what the kernel took (what still waits in our buffer
         counts against it)."""
-        if self.transport is None:
+        if self.writer is None:
             return
-        delivered = self.received - self.transport.get_write_buffer_size()
+        delivered = self.received - self.writer.get_write_buffer_size()
         if delivered - self.acked >= WINDOW_SIZE // 4:
             self.mux.send(WINDOW, self.channel, struct.pack(">I", delivered - self.acked))
             self.acked = delivered
@@ -133,6 +148,40 @@ class Upstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.ack()  # the buffer is empty: everything received is delivered
+
+
+class Subsystem(Upstream, asyncio.SubprocessProtocol):
+    """A channel to a program's stdin and stdout (``sftp-server`` for the volumes). It ends
+    (``connection_lost``) once the program has exited and its pipes are drained."""
+
+    process: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.process = transport
+        self.transport = transport.get_pipe_transport(1)
+        self.writer = transport.get_pipe_transport(0)
+        self.writer.set_write_buffer_limits(high=WINDOW_SIZE // 4, low=0)
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self.data_received(data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1:
+            self.eof_received()
+
+    def process_exited(self) -> None:
+        pass  # connection_lost follows once stdout is drained
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.process is not None:
+            self.process.close()
+
+    def close(self, *, abort: bool) -> None:
+        self.closed = True
+        if self.process is not None and self.process.get_returncode() is None:
+            self.process.kill() if abort else self.writer.close()
 
 
 class Mux(asyncio.Protocol):
@@ -158,7 +207,9 @@ class Mux(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         for upstream in list(self.channels.values()):
             upstream.closed = True
-            if upstream.transport is not None:
+            if isinstance(upstream, Subsystem):
+                upstream.close(abort=True)
+            elif upstream.transport is not None:
                 upstream.transport.abort()
         self.channels.clear()
         if not self.done.done():
@@ -180,10 +231,11 @@ class Mux(asyncio.Protocol):
             self.send_raw(mac(self.key, SERVER_LABEL, self.nonce))
         # A DATA payload goes upstream as it arrives (no reassembly); other frames are collected.
         pos, size = 0, len(data)
+        view = memoryview(data)
         while pos < size:
             if self.remaining:
                 take = min(self.remaining, size - pos)
-                chunk = data if take == size else data[pos : pos + take]
+                chunk = data if take == size else view[pos : pos + take]  # no copy
                 pos += take
                 self.remaining -= take
                 if self.kind == DATA:
@@ -218,18 +270,23 @@ class Mux(asyncio.Protocol):
                 upstream.send_window += increment
                 upstream.flush()
         elif kind == EOF:
-            transport = upstream.transport if upstream is not None else None
-            if transport is not None and transport.can_write_eof():
-                transport.write_eof()
+            writer = upstream.writer if upstream is not None else None
+            if writer is not None and writer.can_write_eof():
+                writer.write_eof()
         elif kind == CLOSE:
             if upstream is not None:
                 self.forget(channel)
-                if upstream.transport is not None:
-                    if payload[:1] == b"\x01":
-                        upstream.transport.abort()
-                    else:
-                        upstream.transport.close()
+                abort = payload[:1] == b"\x01"
+                if isinstance(upstream, Subsystem):
+                    upstream.close(abort=abort)
+                elif upstream.transport is not None:
+                    upstream.transport.abort() if abort else upstream.transport.close()
             self.opening.discard(channel)
+        elif kind == OPEN_SUBSYSTEM:
+            (window,) = struct.unpack(">I", payload[:4])
+            self.opening.add(channel)
+            name = payload[4:].decode(errors="replace")
+            self.loop.create_task(self.start(channel, name, window))
         elif kind == OPEN:
             window, port = struct.unpack(">IH", payload[:6])
             host = payload[6:].decode(errors="replace")
@@ -239,7 +296,18 @@ class Mux(asyncio.Protocol):
     async def open(self, channel: int, host: str, port: int, window: int) -> None:
         upstream = Upstream(self, channel, window)
         try:
-            await self.loop.create_connection(lambda: upstream, host, port)
+            family = _literal_family(host)
+            if family is not None:  # an address: no getaddrinfo (a thread hop, milliseconds)
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock.setblocking(False)
+                    await self.loop.sock_connect(sock, (host, port))
+                except BaseException:
+                    sock.close()
+                    raise
+                await self.loop.create_connection(lambda: upstream, sock=sock)
+            else:
+                await self.loop.create_connection(lambda: upstream, host, port)
         except socket.gaierror as exc:
             self.fail(channel, FAIL_GAIERROR, exc.errno or socket.EAI_NONAME, str(exc))
             return
@@ -257,6 +325,30 @@ class Mux(asyncio.Protocol):
         self.channels[channel] = upstream
         self.send(OPEN_OK, channel, struct.pack(">I", WINDOW_SIZE))
 
+    async def start(self, channel: int, name: str, window: int) -> None:
+        argv = SUBSYSTEMS.get(name)
+        if argv is None:
+            self.fail(channel, FAIL_OSERROR, errno.ENOENT, f"no subsystem {name!r}")
+            return
+        subsystem = Subsystem(self, channel, window)
+        try:
+            await self.loop.subprocess_exec(
+                lambda: subsystem,
+                *argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            self.fail(channel, FAIL_OSERROR, exc.errno or errno.EIO, exc.strerror or str(exc))
+            return
+        if channel not in self.opening:
+            subsystem.close(abort=True)
+            return
+        self.opening.discard(channel)
+        self.channels[channel] = subsystem
+        self.send(OPEN_OK, channel, struct.pack(">I", WINDOW_SIZE))
+
     def fail(self, channel: int, kind: int, code: int, text: str) -> None:
         self.opening.discard(channel)
         payload = struct.pack(">Bh", kind, code) + text.encode()[:200]
@@ -272,8 +364,12 @@ class Mux(asyncio.Protocol):
             self.forget(channel)
             self.send(CLOSE, channel, b"\x01" if abort else b"\x00")
 
-    def send(self, kind: int, channel: int, payload: bytes = b"") -> None:
-        self.send_raw(HEADER.pack(kind, channel, len(payload)) + payload)
+    def send(self, kind: int, channel: int, payload: bytes | memoryview = b"") -> None:
+        head = HEADER.pack(kind, channel, len(payload))
+        if len(payload) <= 4096:
+            self.send_raw(head + payload)
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines([head, payload])  # no copy of a large payload
 
     def send_raw(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -320,12 +320,21 @@ class Tunnel:
         )
 
     async def open_sftp_stream(self) -> ByteStream:
-        """Start the agent's ``sftp`` subsystem; return its stdin/stdout as one byte stream.
+        """Start the agent's ``sftp`` subsystem; return its stdin/stdout as one byte stream
+        (over the relay when it runs: no SSH framing and encryption on the volumes' reads).
 
         This is how volumes share the tunnel: run ``sshfs -o passive,ro :/ MOUNTPOINT`` (sshfs
         then speaks SFTP on its own stdin/stdout instead of starting ssh) and copy bytes both
         ways between the child's pipes and this stream; close the stream to end the mount.
         """
+        if self.relay is not None:
+            try:
+                return await self.relay.open_subsystem("sftp")
+            except OSError as exc:
+                raise TunnelError(
+                    f"the agent at {self.where} could not start sftp-server: {exc}",
+                    hint="the agent image needs openssh-sftp-server (tpconf/agent/Dockerfile)",
+                ) from exc
         try:
             _chan, session = await self._conn.create_session(
                 lambda: SubsystemStream(read_limit=self._settings.read_limit),

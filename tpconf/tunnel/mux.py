@@ -7,7 +7,8 @@ and encrypted by the API server and the kubelet (Telepresence 2 relies on the sa
 relay (``tpconf/agent/relay.py``) carries the bytes in plain frames of up to 1 MiB instead:
 
 ``type:u8 channel:u32 length:u32 payload`` (big-endian), with the types ``OPEN`` (window:u32
-port:u16 host), ``OPEN_OK`` (window:u32), ``OPEN_FAIL`` (kind:u8 code:i16 text), ``DATA``,
+port:u16 host), ``OPEN_SUBSYSTEM`` (window:u32 name: ``sftp`` runs ``sftp-server`` on the
+channel, for the volumes), ``OPEN_OK`` (window:u32), ``OPEN_FAIL`` (kind:u8 code:i16 text), ``DATA``,
 ``EOF``, ``CLOSE`` (abort:u8) and ``WINDOW`` (increment:u32).
 
 Security: the relay is started per SSH connection (an exec session, so only this session's
@@ -43,7 +44,7 @@ MAGIC = b"TPRELAY1"
 NONCE = 32
 CLIENT_LABEL = b"tpconf-relay client"
 SERVER_LABEL = b"tpconf-relay server"
-OPEN, OPEN_OK, OPEN_FAIL, DATA, EOF, CLOSE, WINDOW = 1, 2, 3, 4, 5, 6, 7
+OPEN, OPEN_OK, OPEN_FAIL, DATA, EOF, CLOSE, WINDOW, OPEN_SUBSYSTEM = 1, 2, 3, 4, 5, 6, 7, 8
 HEADER = struct.Struct(">BII")
 #: Largest frame payload (the relay refuses larger ones).
 MAX_FRAME = 1024 * 1024
@@ -202,16 +203,20 @@ class MuxSession(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
 
-    def data_received(self, data: bytes) -> None:
+    #: The port-forward stream may hand over memoryviews of what it received (no copy).
+    takes_views = True
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._state != "open":
             data = self._handshake_data(data)
             if not data:
                 return
         pos, size = 0, len(data)
+        view = memoryview(data)
         while pos < size:
             if self._remaining:
                 take = min(self._remaining, size - pos)
-                chunk = data if take == size else data[pos : pos + take]
+                chunk = data if take == size else view[pos : pos + take]  # no copy
                 pos += take
                 self._remaining -= take
                 if self._kind == DATA:
@@ -270,8 +275,8 @@ class MuxSession(asyncio.Protocol):
 
     # ---- handshake -------------------------------------------------------------------------------
 
-    def _handshake_data(self, data: bytes) -> bytes:
-        self._hello += data
+    def _handshake_data(self, data: bytes | memoryview) -> bytes:
+        self._hello += bytes(data)
         if self._state == "nonce":
             if len(self._hello) < len(MAGIC) + NONCE:
                 return b""
@@ -346,19 +351,26 @@ class MuxSession(asyncio.Protocol):
 
     # ---- dialing -----------------------------------------------------------------------------
 
+    async def open_subsystem(self, name: str) -> MuxChannel:
+        """A channel to a program in the pod (``sftp``: ``sftp-server``'s stdin and stdout)."""
+        return await self._open(OPEN_SUBSYSTEM, struct.pack(">I", self.window) + name.encode())
+
     async def dial(self, host: str, port: int) -> MuxChannel:
         """A TCP connection from the pod to ``host:port``; ``OSError`` when the pod's connect
         failed (``socket.gaierror`` for a name), :class:`TunnelDown` when the relay is gone.
 
         ``OPEN`` leaves before the first wait, so a cancelled dial is always told to the relay
         (which then closes the connection it made)."""
+        return await self._open(OPEN, struct.pack(">IH", self.window, port) + host.encode())
+
+    async def _open(self, kind: int, payload: bytes) -> MuxChannel:
         if self.closed:
             raise TunnelDown(f"the relay at {self.where} is gone")
         chan = self._next
         self._next += 1
         channel = MuxChannel(self, chan, window=self.window)
         self._channels[chan] = channel
-        self._send(OPEN, chan, struct.pack(">IH", self.window, port) + host.encode())
+        self._send(kind, chan, payload)
         try:
             await channel._opened
         except BaseException:

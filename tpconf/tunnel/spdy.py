@@ -158,7 +158,13 @@ class SpdyStream(asyncio.Transport):
         self._conn._send_data(self.stream_id, data)
 
     def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
+        """One data frame of all the pieces, without joining them (the relay's header and
+        payload)."""
+        if self._closed or self._fin_sent:
+            return
+        parts = [p for p in list_of_data if len(p)]
+        if parts:
+            self._conn._send_parts(self.stream_id, parts)
 
     def write_eof(self) -> None:
         if not self._fin_sent and not self._closed:
@@ -222,9 +228,12 @@ class SpdyStream(asyncio.Transport):
 
     # ---- from the connection ------------------------------------------------------------
 
-    def _data(self, data: bytes) -> None:
+    def _data(self, data: bytes | memoryview) -> None:
         if not self._closed:
-            self._protocol.data_received(data)
+            protocol = self._protocol
+            if isinstance(data, memoryview) and not getattr(protocol, "takes_views", False):
+                data = bytes(data)  # asyncssh and the like get bytes
+            protocol.data_received(data)  # type: ignore[arg-type]
 
     def _fin(self) -> None:
         if self._fin_received or self._closed:
@@ -260,8 +269,8 @@ class _ErrorStream(asyncio.Protocol):
         self.data: SpdyStream | None = None
         self._text = b""
 
-    def data_received(self, data: bytes) -> None:
-        self._text = (self._text + data)[: self.LIMIT]
+    def data_received(self, data: bytes | memoryview) -> None:
+        self._text = (self._text + bytes(data))[: self.LIMIT]
         if self.data is not None:
             self.data.error_text = self._text.decode(errors="replace").strip()
 
@@ -399,10 +408,11 @@ class SpdyConnection(asyncio.Protocol):
 
     def _parse(self, data: bytes) -> None:
         pos, size = 0, len(data)
+        view = memoryview(data)
         while pos < size:
             if self._remaining:
                 take = min(self._remaining, size - pos)
-                chunk = data if take == size else data[pos : pos + take]
+                chunk = data if take == size else view[pos : pos + take]  # no copy
                 pos += take
                 self._remaining -= take
                 stream = self._streams.get(self._current)
@@ -505,6 +515,22 @@ class SpdyConnection(asyncio.Protocol):
             last = start + MAX_FRAME >= size
             transport.writelines([data_frame_header(stream_id, len(part), fin=fin and last), part])
 
+    def _send_parts(self, stream_id: int, parts: list[Any]) -> None:
+        """``parts`` as one data frame (several when over :data:`MAX_FRAME`); a small first part
+        travels with the frame header, the rest as they are (no copy)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        size = sum(len(p) for p in parts)
+        if size > MAX_FRAME:
+            self._send_data(stream_id, b"".join(parts))
+            return
+        head = data_frame_header(stream_id, size)
+        if len(parts[0]) <= 256:
+            head += bytes(parts[0])
+            parts = parts[1:]
+        transport.writelines([head, *parts])
+
     def _send_reset(self, stream_id: int, status: int) -> None:
         transport = self._transport
         if transport is not None and not transport.is_closing():
@@ -584,7 +610,7 @@ class _ErrorStreamHolder:
         self.stream_id = stream_id
         self.watcher = _ErrorStream()
 
-    def _data(self, data: bytes) -> None:
+    def _data(self, data: bytes | memoryview) -> None:
         self.watcher.data_received(data)
 
     def _fin(self) -> None:
