@@ -21,6 +21,7 @@ import asyncssh
 
 from tpconf.tunnel import AGENT_SSH_PORT, Credentials, Tunnel, TunnelSettings
 from tpconf.tunnel import connection as conn_module
+from tpconf.tunnel import settings as settings_module
 
 
 @asynccontextmanager
@@ -40,7 +41,7 @@ async def open_tunnel_on_socket(
         preferred_auth="publickey",
         agent_path=None,
         config=None,
-        encryption_algs=list(conn_module.CIPHERS),
+        encryption_algs=list(settings_module.CIPHERS),
         keepalive_interval=settings.keepalive_interval,
         keepalive_count_max=settings.keepalive_count_max,
         connect_timeout=settings.connect_timeout,

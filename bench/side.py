@@ -130,7 +130,7 @@ async def main() -> None:
     cfg = SideConfig(**json.loads(sys.stdin.readline()))
     cfg.fwd_target = (cfg.fwd_target[0], int(cfg.fwd_target[1]))
     if cfg.ciphers:
-        tunnel_connection.CIPHERS = tuple(cfg.ciphers)  # type: ignore[assignment]  # prototype: the cipher preference
+        vars(tunnel_connection)["CIPHERS"] = tuple(cfg.ciphers)  # prototype: the cipher preference
     if cfg.relay_chunk:
         # The chunk is a keyword default of the one relay (tpconf.net) that SOCKS also uses.
         assert relay.__kwdefaults__ is not None

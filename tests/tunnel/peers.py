@@ -18,7 +18,7 @@ from anyio.abc import SocketStream
 
 from tpconf.agent import relay
 from tpconf.tunnel import ProxyKeys
-from tpconf.tunnel.connection import RELAY_COMMAND
+from tpconf.tunnel.settings import RELAY_COMMAND
 
 
 class _Server(asyncssh.SSHServer):

@@ -2,29 +2,25 @@
 
 The only package that imports the SSH library (asyncssh). What it owns:
 
+- :mod:`~tpconf.tunnel.settings`: tunables, credentials, endpoints (no SSH library: asyncssh
+  loads with the first connection);
 - :mod:`~tpconf.tunnel.keys`: per-proxy client and host keys, as the Secret holds them;
 - :mod:`~tpconf.tunnel.connection`: one pinned SSH connection: ``dial`` (a
   :class:`tpconf.net.Dialer`), remote forwards, commands, the sftp stream;
 - :mod:`~tpconf.tunnel.coalesce`: the SSH connection's socket, one write per event-loop turn;
 - :mod:`~tpconf.tunnel.stream`: an SSH channel as an anyio byte stream;
-- :mod:`~tpconf.tunnel.portforward`: the ``kubectl port-forward`` child;
+- :mod:`~tpconf.tunnel.spdy`, :mod:`~tpconf.tunnel.kubeapi`: port-forward in this process;
+- :mod:`~tpconf.tunnel.mux`: the agent's relay, the data path of ``dial()`` and sftp;
+- :mod:`~tpconf.tunnel.portforward`: the transport per attempt (in process, or a ``kubectl
+  port-forward`` child);
 - :mod:`~tpconf.tunnel.session`: supervision: reconnect with back-off, state changes;
 - :mod:`~tpconf.tunnel.podinfo`: the pod's env, resolv.conf, hostname and mounts.
 """
 
 from __future__ import annotations
 
-from tpconf.tunnel.connection import (
-    AGENT_SSH_PORT,
-    DEFAULT_SETTINGS,
-    CommandResult,
-    Credentials,
-    Endpoint,
-    RemoteForward,
-    Tunnel,
-    TunnelSettings,
-    open_tunnel,
-)
+from typing import TYPE_CHECKING, Any
+
 from tpconf.tunnel.keys import AGENT_SECRET_KEYS, ProxyKeys
 from tpconf.tunnel.podinfo import PODINFO_PATH, PodInfo, ResolvConf, fetch_pod_info
 from tpconf.tunnel.portforward import (
@@ -41,6 +37,30 @@ from tpconf.tunnel.session import (
     TunnelState,
     run_tunnel,
 )
+from tpconf.tunnel.settings import (
+    AGENT_SSH_PORT,
+    DEFAULT_SETTINGS,
+    CommandResult,
+    Credentials,
+    Endpoint,
+    TunnelSettings,
+)
+
+if TYPE_CHECKING:
+    from tpconf.tunnel.connection import RemoteForward, Tunnel, open_tunnel
+
+#: Names of :mod:`tpconf.tunnel.connection`, which imports the SSH library (0.1-0.2 s): loaded
+#: on first use, so that ``up`` reaches the API server first.
+_CONNECTION = ("RemoteForward", "Tunnel", "open_tunnel")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CONNECTION:
+        from tpconf.tunnel import connection
+
+        return getattr(connection, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AGENT_SECRET_KEYS",

@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from tpconf.errors import TunnelError, trim_payload
-from tpconf.tunnel.connection import CommandResult
+from tpconf.tunnel.settings import CommandResult
 
 #: Where the agent's entrypoint writes the pod info.
 PODINFO_PATH = "/tmp/tpconf/podinfo.json"

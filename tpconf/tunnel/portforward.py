@@ -35,9 +35,9 @@ from anyio.abc import Process
 
 from tpconf.errors import Forbidden, TpconfError, TunnelDown, TunnelError, trim_payload
 from tpconf.pids import open_child
-from tpconf.tunnel.connection import AGENT_SSH_PORT, Endpoint
 from tpconf.tunnel.kubeapi import api_server
 from tpconf.tunnel.session import Transport
+from tpconf.tunnel.settings import AGENT_SSH_PORT, Endpoint
 
 log = logging.getLogger(__name__)
 

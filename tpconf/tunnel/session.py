@@ -30,21 +30,22 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import ByteStream, TaskStatus
 
 from tpconf.errors import TpconfError, Transient, TunnelDown, TunnelError
-from tpconf.tunnel.connection import (
+from tpconf.tunnel.settings import (
     DEFAULT_SETTINGS,
     CommandResult,
     Credentials,
     Endpoint,
-    RemoteForward,
-    Tunnel,
     TunnelSettings,
-    open_tunnel,
 )
+
+if TYPE_CHECKING:
+    from tpconf.tunnel.connection import RemoteForward, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,9 @@ async def run_tunnel(
     ``on_state`` is called synchronously on every state change; to get a stream instead, pass
     the ``send_nowait`` of a memory object stream with enough buffer.
     """
+    # The SSH library loads here, with the first connection (not when ``up`` starts).
+    from tpconf.tunnel.connection import open_tunnel
+
     tunnel = SupervisedTunnel(settings)
     attempt = 0
     delay = settings.backoff_initial

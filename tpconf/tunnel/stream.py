@@ -23,10 +23,7 @@ import asyncssh
 from asyncssh.channel import SSHChannel
 
 from tpconf.net import BoundedStream
-
-#: Unread bytes above which the channel stops reading (back-pressure to the sender); half the
-#: default channel window (see ``TunnelSettings.read_limit``).
-DEFAULT_READ_LIMIT = 4 * 1024 * 1024
+from tpconf.tunnel.settings import DEFAULT_READ_LIMIT
 
 
 class ChannelStream(BoundedStream):
