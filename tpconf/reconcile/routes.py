@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import ByteStream, TaskStatus
@@ -33,13 +34,14 @@ from tpconf.errors import TpconfError, TunnelDown, TunnelError
 from tpconf.tunnel import (
     PortForwardTarget,
     ProxyKeys,
-    RemoteForward,
-    Tunnel,
     TunnelEvent,
     TunnelState,
     port_forward_transport,
     run_tunnel,
 )
+
+if TYPE_CHECKING:  # the SSH library loads with the first connection, not at start (issue 15)
+    from tpconf.tunnel import RemoteForward, Tunnel
 
 log = logging.getLogger(__name__)
 
