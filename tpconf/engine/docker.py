@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from tpconf.errors import EngineError, trim_payload
+from tpconf.errors import EngineError, Transient, trim_payload
 
 #: Labels on every container tpconf starts (values: see :meth:`Docker.labels`).
 LABEL_MANAGED = "tpconf.io/managed"
@@ -42,8 +42,11 @@ _NOT_RUNNING = (
 _NO_PERMISSION = ("permission denied",)
 
 
-class EngineNotRunning(EngineError):
-    """The engine does not answer: nothing of tpconf's can be running in it either."""
+class EngineNotRunning(Transient, EngineError):
+    """The engine does not answer: nothing of tpconf's can be running in it either. Retried
+    with back-off: an engine being started (Docker Desktop takes a while) is picked up."""
+
+    delay = 5.0
 
 
 def find_docker() -> str:
