@@ -29,7 +29,8 @@ CLI, the reconciler's status, the control socket, the DNS server's log) goes thr
     │       └── ResolveTimeout*
     ├── ProcessError             the local command
     ├── MountError               (tpconf.volumes.sshfs) sshfs could not mount or unmount
-    ├── EngineError              (tpconf.engine) Docker missing, stopped or refusing; no image
+    ├── EngineError              (tpconf.engine) Docker missing or refusing; no image
+    │   └── EngineNotRunning*    the engine does not answer
     └── PrivilegeError           needs root / CAP_NET_ADMIN / FUSE
 
     * also ``Transient``: retrying after ``delay`` seconds can help.
