@@ -186,7 +186,7 @@ async def main() -> None:
                     "fwd_port": fwd_port,
                     "timings": timings,
                     "cipher": tunnel._conn.get_extra_info("send_cipher"),
-                    "relay": tunnel.relay is not None,
+                    "relay": await tunnel.relay_ready() is not None,
                     "resolv": asdict(rc),
                 }
                 print(json.dumps(line), flush=True)

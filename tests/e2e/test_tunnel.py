@@ -169,7 +169,7 @@ async def test_in_process_port_forward_carries_dial_over_the_relay_and_recovers_
             agent.keys.credentials("tpconf"),
         )
         live = tunnel.current
-        assert live is not None and live.relay is not None
+        assert live is not None and await live.relay_ready() is not None
         host = f"helloworld.{namespace}.svc.cluster.local"
         with anyio.fail_after(30):
             async with await tunnel.dial(host, 80) as stream:
@@ -187,6 +187,6 @@ async def test_in_process_port_forward_carries_dial_over_the_relay_and_recovers_
             async with await tunnel.dial(host, 80) as stream:
                 await stream.send(b"GET / HTTP/1.0\r\n\r\n")
                 assert (await stream.receive()).startswith(b"HTTP/1.1 200")
-        assert tunnel.current is not None and tunnel.current.relay is not None
+        assert tunnel.current is not None and await tunnel.current.relay_ready() is not None
         assert "reconnecting" in [e.state.value for e in events]
         tg.cancel_scope.cancel()

@@ -206,7 +206,7 @@ async def test_the_tunnel_dials_through_the_relay_over_the_in_process_port_forwa
     ):
         peer.ports[8022] = agent.port
         async with open_tunnel(link, keys.credentials("agent")) as tunnel:
-            assert tunnel.relay is not None
+            assert await tunnel.relay_ready() is not None
             with anyio.fail_after(10):
                 stream = await tunnel.dial("127.0.0.1", echo)
                 async with stream:
@@ -216,6 +216,24 @@ async def test_the_tunnel_dials_through_the_relay_over_the_in_process_port_forwa
             assert result.stdout == b"ssh still works\n"
             relay_streams = [sid for sid in peer.frames if sid != 3]
             assert relay_streams  # the bytes went on a stream of their own, not SSH's
+
+
+async def test_dial_goes_over_ssh_until_the_relay_is_up(keys: ProxyKeys) -> None:
+    async with (
+        agent_server(keys) as agent,
+        spdy_peer() as peer,
+        tcp_server("echo") as echo,
+        local_api(peer).port_forward("ns", "agent", timeout=5) as link,
+    ):
+        peer.ports[8022] = agent.port
+        async with open_tunnel(link, keys.credentials("agent")) as tunnel:
+            assert tunnel.relay is None  # starting beside the connection, not before it
+            with anyio.fail_after(10):
+                async with await tunnel.dial("127.0.0.1", echo) as early:
+                    assert await tunnel.relay_ready() is not None
+                    await early.send(b"over ssh, still")  # the early one stays where it began
+                    assert await early.receive() == b"over ssh, still"
+                    assert not isinstance(early, MuxChannel)
 
 
 async def test_with_the_relay_off_dial_uses_ssh_channels(keys: ProxyKeys) -> None:
@@ -228,7 +246,7 @@ async def test_with_the_relay_off_dial_uses_ssh_channels(keys: ProxyKeys) -> Non
         peer.ports[8022] = agent.port
         settings = TunnelSettings(relay=False)
         async with open_tunnel(link, keys.credentials("agent"), settings=settings) as tunnel:
-            assert tunnel.relay is None
+            assert await tunnel.relay_ready() is None
             with anyio.fail_after(10):
                 async with await tunnel.dial("127.0.0.1", echo) as stream:
                     await stream.send(b"over ssh")
@@ -243,8 +261,9 @@ async def test_when_the_relay_ends_the_tunnel_closes_for_a_reconnect(keys: Proxy
     ):
         peer.ports[8022] = agent.port
         async with open_tunnel(link, keys.credentials("agent")) as tunnel:
-            assert tunnel.relay is not None
-            tunnel.relay.close()
+            relay = await tunnel.relay_ready()
+            assert relay is not None
+            relay.close()
             with anyio.fail_after(5):
                 reason = await tunnel.wait_closed()
             assert reason

@@ -100,7 +100,35 @@ class Tunnel:
         self.where = where
         """Where the agent was reached, for messages (``127.0.0.1:40123``)."""
         self.relay: MuxSession | None = None
-        """The relay ``dial()`` uses, when it runs (else ``dial()`` opens SSH channels)."""
+        """The relay ``dial()`` uses, once it runs (until then, and without one, ``dial()``
+        opens SSH channels)."""
+        self._relay_start: asyncio.Task[None] | None = None
+
+    def _start_relay_soon(self, link: SpdyConnection) -> None:
+        """Start the relay beside the connection: the tunnel is usable at once (over SSH), and
+        the relay takes over ``dial()`` when it is up. Starting it costs a Python start in the
+        pod (0.1-0.3 s on a busy node), which ``up``'s readiness must not wait for."""
+
+        async def start() -> None:
+            try:
+                self.relay = await _start_relay(
+                    self._conn, link, where=self.where, settings=self._settings
+                )
+            except TunnelDown as exc:
+                log.warning("%s; connections go through SSH", exc.message)
+
+        self._relay_start = asyncio.ensure_future(start())
+
+    def _stop_relay_start(self) -> None:
+        if self._relay_start is not None:
+            self._relay_start.cancel()
+
+    async def relay_ready(self) -> MuxSession | None:
+        """Wait until the relay is up (or could not start); the relay, or ``None``."""
+        if self._relay_start is not None:
+            with anyio.move_on_after(self._settings.relay_timeout + 1):
+                await asyncio.shield(self._relay_start)
+        return self.relay
 
     @property
     def closed(self) -> bool:
@@ -224,9 +252,10 @@ class Tunnel:
         then speaks SFTP on its own stdin/stdout instead of starting ssh) and copy bytes both
         ways between the child's pipes and this stream; close the stream to end the mount.
         """
-        if self.relay is not None:
+        relay = await self.relay_ready()  # the volumes' reads are the bulk: wait for it
+        if relay is not None:
             try:
-                return await self.relay.open_subsystem("sftp")
+                return await relay.open_subsystem("sftp")
             except OSError as exc:
                 raise TunnelError(
                     f"the agent at {self.where} could not start sftp-server: {exc}",
@@ -410,9 +439,10 @@ async def open_tunnel(
     tunnel = Tunnel(conn, client, where=where, settings=settings)
     try:
         if link is not None and settings.relay:
-            tunnel.relay = await _start_relay(conn, link, where=where, settings=settings)
+            tunnel._start_relay_soon(link)
         yield tunnel
     finally:
+        tunnel._stop_relay_start()
         with anyio.CancelScope(shield=True), anyio.move_on_after(settings.close_timeout):
             conn.close()
             await conn.wait_closed()

@@ -192,6 +192,10 @@ class SupervisedTunnel:
         """Run a command on the agent (see :meth:`Tunnel.run`)."""
         return await (await self.wait_connected()).run(command, timeout=timeout)
 
+    async def relay_ready(self) -> bool:
+        """Wait until the live connection's relay is up (or failed to start); whether it is."""
+        return await (await self.wait_connected()).relay_ready() is not None
+
     async def open_sftp_stream(self) -> ByteStream:
         """Start ``sftp`` on the agent (see :meth:`Tunnel.open_sftp_stream`); not re-made on reconnection."""
         return await (await self.wait_connected()).open_sftp_stream()
