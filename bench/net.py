@@ -11,6 +11,9 @@ Variants, measured interleaved (one of each per round):
   speaks SOCKS5 itself, as torsocks would after its RESOLVE;
 - ``inject-tcp, SSH via kubectl (before)``: the same SOCKS server over the data path before
   issue 15: a ``direct-tcpip`` SSH channel through a ``kubectl port-forward`` child;
+- ``SOCKS without a tunnel (floor)`` (concurrency row only): the same SOCKS server in the same
+  process, dialing the local echo server from this machine: what the SOCKS handshake and relay
+  cost per connection before any tunnel;
 - ``vpn-tcp``: a process of the "laptop" network namespace (:mod:`bench.vpn`, not a child of
   ``tpconf up``) connects to the Service's ClusterIP; the kernel redirects it (iptables) to
   tpconf's transparent proxy → ``Tunnel.dial`` of the vpn-tcp deployment (a real ``tpconf up``,
@@ -44,6 +47,7 @@ VPN = "vpn-tcp"
 REF = "kubectl-pf"
 INJECT = "inject-tcp"
 BEFORE = "inject-tcp, SSH via kubectl (before)"
+FLOOR = "SOCKS without a tunnel (floor)"
 
 
 @dataclass
@@ -81,6 +85,7 @@ def routes(bench: Bench) -> Iterator[Routes]:
                 REF: Route(pf),
                 INJECT: Route(("127.0.0.1", side["socks_port"]), target),
                 BEFORE: Route(("127.0.0.1", before["socks_port"]), target),
+                FLOOR: Route(("127.0.0.1", side["local_socks_port"]), loop),
             },
             roots={REF: pf_pids[0], INJECT: side["pid"], BEFORE: before["pid"]},
             side_pid=side["pid"],
@@ -218,7 +223,7 @@ def bulk(bench: Bench, routes_: Routes) -> None:
 async def concurrency(bench: Bench, routes_: Routes) -> None:
     count = bench.sizes.concurrent
     name = f"{count} concurrent conns"
-    for variant in ("loopback", INJECT, BEFORE):
+    for variant in ("loopback", INJECT, BEFORE, FLOOR):
         result = await client.concurrent(routes_.routes[variant], count, timeout=60)
         lat = sorted(x * 1e3 for x in result.latencies)
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")

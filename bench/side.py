@@ -36,7 +36,7 @@ from anyio.abc import ByteStream, SocketAttribute
 import tpconf.tunnel.connection as tunnel_connection
 from bench.kube import client, config
 from bench.proto import coalesce_writes, open_tunnel_on_socket
-from tpconf.net import relay
+from tpconf.net import LocalDialer, relay
 from tpconf.proxy import ClusterResolver, SocksServer
 from tpconf.tunnel import (
     Credentials,
@@ -168,6 +168,10 @@ async def main() -> None:
             ):
                 socks = SocksServer(resolver, tunnel)
                 socks_port = await tg.start(socks.serve)
+                # The same SOCKS server dialing from this machine: the floor of inject-tcp's
+                # per-connection cost, without any tunnel (the concurrency row's reference).
+                local_socks = SocksServer(resolver, LocalDialer())
+                local_socks_port = await tg.start(local_socks.serve)
 
                 async def forward(client: ByteStream) -> None:
                     async with client:
@@ -183,6 +187,7 @@ async def main() -> None:
                 tg.start_soon(listener.serve, forward)
                 line = {
                     "socks_port": socks_port,
+                    "local_socks_port": local_socks_port,
                     "fwd_port": fwd_port,
                     "timings": timings,
                     "cipher": tunnel._conn.get_extra_info("send_cipher"),

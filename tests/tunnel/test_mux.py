@@ -293,3 +293,29 @@ async def test_an_unknown_subsystem_is_refused() -> None:
         with anyio.fail_after(5), pytest.raises(OSError) as caught:
             await session.open_subsystem("shell")
         assert caught.value.errno == errno.ENOENT
+
+
+async def test_an_early_dial_sends_before_the_pod_has_connected() -> None:
+    async with relay_session() as (session, _), tcp_server("reply-after-eof") as port:
+        await session.handshake(5)
+        with anyio.fail_after(10):
+            channel = await session.dial("127.0.0.1", port, early=True)
+            assert not channel._opened.done()  # nothing heard from the relay yet
+            async with channel:
+                await channel.send(b"early")  # kept by the relay until it has connected
+                await channel.send_eof()
+                assert await channel.receive() == b"got EARLY"
+            assert channel.open_error is None
+
+
+async def test_an_early_dial_that_fails_breaks_with_the_reason() -> None:
+    async with relay_session() as (session, _):
+        await session.handshake(5)
+        with anyio.fail_after(10):
+            channel = await session.dial("127.0.0.1", 1, early=True)
+            async with channel:
+                with pytest.raises(anyio.BrokenResourceError):
+                    await channel.receive()
+            assert isinstance(channel.open_error, OSError)
+            assert channel.open_error.errno == errno.ECONNREFUSED
+        assert session.channel_count == 0

@@ -41,6 +41,8 @@ OPEN, OPEN_OK, OPEN_FAIL, DATA, EOF, CLOSE, WINDOW, OPEN_SUBSYSTEM = 1, 2, 3, 4,
 #: The subsystems ``OPEN_SUBSYSTEM`` may start (the volumes' sshfs speaks SFTP to this one).
 SUBSYSTEMS = {"sftp": ["/usr/lib/openssh/sftp-server"]}
 HEADER = struct.Struct(">BII")
+#: Queued bytes at which frames are written at once rather than at the end of the turn.
+COALESCE = 1024 * 1024
 #: Largest payload of a frame either side sends or accepts.
 MAX_FRAME = 1024 * 1024
 #: Receive window the relay announces per channel (bytes it may hold for a slow upstream).
@@ -81,10 +83,21 @@ class Upstream(asyncio.Protocol):
         self.acked = 0  # ... of which acknowledged with WINDOW
         self.paused = False
         self.closed = False
+        self.early: list[bytes] = []  # DATA that came while connecting (tpconf may not wait)
+        self.early_eof = False
 
     def connection_made(self, transport: Any) -> None:  # uvloop's are not asyncio.Transport
         self.transport = self.writer = transport
         transport.set_write_buffer_limits(high=WINDOW_SIZE // 4, low=0)
+        self.connected()
+
+    def connected(self) -> None:
+        """Hand the writer what came before it existed."""
+        early, self.early = self.early, []
+        for data in early:
+            self.write(data)
+        if self.early_eof and self.writer.can_write_eof():
+            self.writer.write_eof()
 
     def data_received(self, data: bytes) -> None:
         self.pending.append(memoryview(data))
@@ -127,7 +140,10 @@ class Upstream(asyncio.Protocol):
             self.mux.send(EOF, self.channel)
 
     def write(self, data: bytes | memoryview) -> None:
-        if self.writer is None or self.closed:
+        if self.closed:
+            return
+        if self.writer is None:  # still connecting: at most tpconf's early window waits here
+            self.early.append(bytes(data))
             return
         self.writer.write(data)
         self.received += len(data)
@@ -161,6 +177,7 @@ class Subsystem(Upstream, asyncio.SubprocessProtocol):
         self.transport = transport.get_pipe_transport(1)
         self.writer = transport.get_pipe_transport(0)
         self.writer.set_write_buffer_limits(high=WINDOW_SIZE // 4, low=0)
+        self.connected()
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd == 1:
@@ -196,9 +213,11 @@ class Mux(asyncio.Protocol):
         self.head = bytearray()  # the nonce answer, then each frame header
         self.kind = self.channel = self.remaining = 0  # the frame being received
         self.payload = bytearray()
-        self.channels: dict[int, Upstream] = {}
-        self.opening: set[int] = set()
+        self.channels: dict[int, Upstream] = {}  # connected or still connecting
         self.loop = asyncio.get_running_loop()
+        self.out: list[bytes | memoryview] = []  # frames of this event-loop turn (see send)
+        self.out_size = 0
+        self.flush_scheduled = False
 
     def connection_made(self, transport: Any) -> None:  # uvloop's are not asyncio.Transport
         self.transport = transport
@@ -270,31 +289,34 @@ class Mux(asyncio.Protocol):
                 upstream.send_window += increment
                 upstream.flush()
         elif kind == EOF:
-            writer = upstream.writer if upstream is not None else None
-            if writer is not None and writer.can_write_eof():
-                writer.write_eof()
+            if upstream is not None:
+                if upstream.writer is None:
+                    upstream.early_eof = True
+                elif upstream.writer.can_write_eof():
+                    upstream.writer.write_eof()
         elif kind == CLOSE:
             if upstream is not None:
-                self.forget(channel)
+                self.forget(channel)  # still connecting: open() sees it closed and drops it
                 abort = payload[:1] == b"\x01"
                 if isinstance(upstream, Subsystem):
                     upstream.close(abort=abort)
                 elif upstream.transport is not None:
                     upstream.transport.abort() if abort else upstream.transport.close()
-            self.opening.discard(channel)
         elif kind == OPEN_SUBSYSTEM:
             (window,) = struct.unpack(">I", payload[:4])
-            self.opening.add(channel)
             name = payload[4:].decode(errors="replace")
-            self.loop.create_task(self.start(channel, name, window))
+            subsystem = Subsystem(self, channel, window)
+            self.channels[channel] = subsystem  # at once: DATA and EOF may come before OPEN_OK
+            self.loop.create_task(self.start(subsystem, name))
         elif kind == OPEN:
             window, port = struct.unpack(">IH", payload[:6])
             host = payload[6:].decode(errors="replace")
-            self.opening.add(channel)
-            self.loop.create_task(self.open(channel, host, port, window))
+            upstream = Upstream(self, channel, window)
+            self.channels[channel] = upstream  # at once: DATA and EOF may come before OPEN_OK
+            self.loop.create_task(self.open(upstream, host, port))
 
-    async def open(self, channel: int, host: str, port: int, window: int) -> None:
-        upstream = Upstream(self, channel, window)
+    async def open(self, upstream: Upstream, host: str, port: int) -> None:
+        channel = upstream.channel
         try:
             family = _literal_family(host)
             if family is not None:  # an address: no getaddrinfo (a thread hop, milliseconds)
@@ -315,22 +337,20 @@ class Mux(asyncio.Protocol):
             self.fail(channel, FAIL_OSERROR, exc.errno or errno.EIO, exc.strerror or str(exc))
             return
         assert upstream.transport is not None
-        if channel not in self.opening:  # tpconf gave up on it meanwhile
+        if upstream.closed:  # tpconf gave up on it meanwhile
             upstream.transport.abort()
             return
-        self.opening.discard(channel)
         sock = upstream.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.channels[channel] = upstream
         self.send(OPEN_OK, channel, struct.pack(">I", WINDOW_SIZE))
 
-    async def start(self, channel: int, name: str, window: int) -> None:
+    async def start(self, subsystem: Subsystem, name: str) -> None:
+        channel = subsystem.channel
         argv = SUBSYSTEMS.get(name)
         if argv is None:
             self.fail(channel, FAIL_OSERROR, errno.ENOENT, f"no subsystem {name!r}")
             return
-        subsystem = Subsystem(self, channel, window)
         try:
             await self.loop.subprocess_exec(
                 lambda: subsystem,
@@ -342,15 +362,14 @@ class Mux(asyncio.Protocol):
         except OSError as exc:
             self.fail(channel, FAIL_OSERROR, exc.errno or errno.EIO, exc.strerror or str(exc))
             return
-        if channel not in self.opening:
+        if subsystem.closed:
             subsystem.close(abort=True)
             return
-        self.opening.discard(channel)
-        self.channels[channel] = subsystem
         self.send(OPEN_OK, channel, struct.pack(">I", WINDOW_SIZE))
 
     def fail(self, channel: int, kind: int, code: int, text: str) -> None:
-        self.opening.discard(channel)
+        if self.channels.pop(channel, None) is None:
+            return  # tpconf gave up on it meanwhile: no answer expected
         payload = struct.pack(">Bh", kind, code) + text.encode()[:200]
         self.send(OPEN_FAIL, channel, payload)
 
@@ -365,11 +384,25 @@ class Mux(asyncio.Protocol):
             self.send(CLOSE, channel, b"\x01" if abort else b"\x00")
 
     def send(self, kind: int, channel: int, payload: bytes | memoryview = b"") -> None:
+        """Queue a frame: the frames of one event-loop turn leave in one ``writelines`` (one
+        ``writev``, payloads not copied) at its end, or at once past :data:`COALESCE` bytes."""
         head = HEADER.pack(kind, channel, len(payload))
         if len(payload) <= 4096:
-            self.send_raw(head + payload)
-        elif self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines([head, payload])  # no copy of a large payload
+            self.out.append(head + payload)
+        else:
+            self.out += (head, payload)
+        self.out_size += len(head) + len(payload)
+        if self.out_size >= COALESCE:
+            self.flush()
+        elif not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        out, self.out, self.out_size = self.out, [], 0
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
 
     def send_raw(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -113,9 +113,14 @@ class TransparentProxy:
             _reset(client)
             return
         owner, dialer = found
+        # The client's connect has already succeeded (the kernel answered for the address):
+        # with the relay, its bytes can go before the pod has connected, saving a round trip
+        # through the API server (``dial_early``); a failed connect then breaks the stream and
+        # says why in ``open_error``, and the client is reset as before.
+        dial = getattr(dialer, "dial_early", dialer.dial)
         try:
             with anyio.fail_after(self.dial_timeout):
-                upstream = await dialer.dial(host, port)
+                upstream = await dial(host, port)
         except (OSError, TpconfError) as exc:  # TimeoutError is an OSError
             log.info("vpn-tcp: %s:%d via %s failed: %s", host, port, owner, exc)
             _reset(client)
@@ -123,6 +128,10 @@ class TransparentProxy:
         log.debug("vpn-tcp: %s:%d via %s", host, port, owner)
         async with upstream:
             await relay(client, upstream)
+        failed = getattr(upstream, "open_error", None)
+        if failed is not None:
+            log.info("vpn-tcp: %s:%d via %s failed: %s", host, port, owner, failed)
+            _reset(client)
 
 
 class VPN:

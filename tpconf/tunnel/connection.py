@@ -32,7 +32,7 @@ from anyio.abc import ByteStream
 
 from tpconf.errors import ForwardFailed, HostKeyMismatch, TunnelDown, TunnelError
 from tpconf.tunnel.coalesce import CoalescingConnector
-from tpconf.tunnel.mux import MuxSession, new_key
+from tpconf.tunnel.mux import MuxChannel, MuxSession, new_key
 from tpconf.tunnel.settings import (
     AGENT_SSH_PORT,
     CIPHERS,
@@ -180,6 +180,14 @@ class Tunnel:
         assert isinstance(session, TCPChannelStream)
         return session
 
+    async def dial_early(self, host: str, port: int) -> ByteStream:
+        """Like :meth:`dial`, but returns before the pod has connected when the relay runs
+        (one round trip less): for a client that is already connected (vpn-tcp). A failed
+        connect then breaks the stream; :func:`dial_failure` says why."""
+        if self.relay is not None and not self.closed:
+            return await self.relay.dial(host, port, early=True)
+        return await self.dial(host, port)
+
     async def open_unix(self, path: str) -> ByteStream:
         """Connect, from the agent, to the Unix socket at ``path`` in the pod (the intercept
         router's control socket); the agent's sshd must allow stream-local forwarding."""
@@ -280,6 +288,12 @@ class Tunnel:
             raise self._down(exc) from exc
         assert isinstance(session, SubsystemStream)
         return session
+
+
+def dial_failure(stream: ByteStream) -> BaseException | None:
+    """Why an early-dialed stream (:meth:`Tunnel.dial_early`) could not connect, if it could
+    not."""
+    return stream.open_error if isinstance(stream, MuxChannel) else None
 
 
 def _as_bytes(data: object) -> bytes:

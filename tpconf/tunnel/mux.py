@@ -34,6 +34,7 @@ import socket
 import struct
 
 import anyio
+import anyio.lowlevel
 
 from tpconf.errors import TunnelDown
 from tpconf.net import BoundedStream, WriteGate
@@ -46,6 +47,9 @@ CLIENT_LABEL = b"tpconf-relay client"
 SERVER_LABEL = b"tpconf-relay server"
 OPEN, OPEN_OK, OPEN_FAIL, DATA, EOF, CLOSE, WINDOW, OPEN_SUBSYSTEM = 1, 2, 3, 4, 5, 6, 7, 8
 HEADER = struct.Struct(">BII")
+#: Bytes a channel may send before the relay has connected it (``dial(early=True)``); the relay
+#: keeps them until then. One relay chunk: a client's first request fits.
+EARLY_WINDOW = 256 * 1024
 #: Largest frame payload (the relay refuses larger ones).
 MAX_FRAME = 1024 * 1024
 FAIL_GAIERROR = 1
@@ -101,6 +105,9 @@ class MuxChannel(BoundedStream):
         self._window = window
         self._consumed = 0  # read since the last WINDOW we sent
         self._send_window = 0
+        self._sent = 0  # DATA bytes sent (before OPEN_OK, they count against its window)
+        self.open_error: BaseException | None = None
+        """Why the relay could not connect, for a channel used before it knew (``early``)."""
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._eof_pending = False
@@ -131,6 +138,7 @@ class MuxChannel(BoundedStream):
                 chunk = chunk[:take]
             self._pending_size -= take
             self._send_window -= take
+            self._sent += take
             mux._send(DATA, self.id, chunk)
         if self._eof_pending and not self._pending and not self._lost:
             self._eof_pending = False
@@ -154,13 +162,16 @@ class MuxChannel(BoundedStream):
     # ---- from the session --------------------------------------------------------------------
 
     def _open_ok(self, window: int) -> None:
-        self._send_window = window
+        self._send_window = window - self._sent  # what was sent early is in the relay's window
         if not self._opened.done():
             self._opened.set_result(None)
+        self._flush()
 
     def _open_fail(self, exc: Exception) -> None:
+        self.open_error = exc
         if not self._opened.done():
             self._opened.set_exception(exc)
+            self._opened.exception()  # retrieved: an early channel may never await it
         self._lose(exc)
 
     def _window_increment(self, increment: int) -> None:
@@ -355,15 +366,24 @@ class MuxSession(asyncio.Protocol):
         """A channel to a program in the pod (``sftp``: ``sftp-server``'s stdin and stdout)."""
         return await self._open(OPEN_SUBSYSTEM, struct.pack(">I", self.window) + name.encode())
 
-    async def dial(self, host: str, port: int) -> MuxChannel:
+    async def dial(self, host: str, port: int, *, early: bool = False) -> MuxChannel:
         """A TCP connection from the pod to ``host:port``; ``OSError`` when the pod's connect
         failed (``socket.gaierror`` for a name), :class:`TunnelDown` when the relay is gone.
 
         ``OPEN`` leaves before the first wait, so a cancelled dial is always told to the relay
-        (which then closes the connection it made)."""
-        return await self._open(OPEN, struct.pack(">IH", self.window, port) + host.encode())
+        (which then closes the connection it made).
 
-    async def _open(self, kind: int, payload: bytes) -> MuxChannel:
+        ``early``: return at once, without waiting for the relay to connect: up to
+        :data:`EARLY_WINDOW` bytes may be sent meanwhile (the relay keeps them until it is
+        connected), which saves a round trip through the API server for a client whose connect
+        has already succeeded (vpn-tcp's). A failed connect then shows as the channel breaking,
+        with :attr:`MuxChannel.open_error` saying why."""
+        payload = struct.pack(">IH", self.window, port) + host.encode()
+        return await self._open(OPEN, payload, early=early)
+
+    async def _open(self, kind: int, payload: bytes, *, early: bool = False) -> MuxChannel:
+        if early:
+            await anyio.lowlevel.checkpoint()  # the one wait: before anything is registered
         if self.closed:
             raise TunnelDown(f"the relay at {self.where} is gone")
         chan = self._next
@@ -371,6 +391,9 @@ class MuxSession(asyncio.Protocol):
         channel = MuxChannel(self, chan, window=self.window)
         self._channels[chan] = channel
         self._send(kind, chan, payload)
+        if early:
+            channel._send_window = EARLY_WINDOW
+            return channel
         try:
             await channel._opened
         except BaseException:

@@ -165,6 +165,10 @@ class SupervisedTunnel:
                 raise
         return await (await self.wait_connected()).dial(host, port)  # the drop just happened
 
+    async def dial_early(self, host: str, port: int) -> ByteStream:
+        """:meth:`Tunnel.dial_early` on the live connection (waits for a reconnection)."""
+        return await (await self.wait_connected()).dial_early(host, port)
+
     async def forward_remote(
         self,
         remote_port: int,

@@ -61,6 +61,9 @@ RST_PROTOCOL_ERROR, RST_CANCEL = 1, 5
 #: The protocol the API server and the runtime speak over the upgraded connection.
 PORTFORWARD_PROTOCOL = "portforward.k8s.io"
 
+#: Queued frame bytes at which they are written at once rather than at the end of the turn.
+COALESCE = 1024 * 1024
+
 #: Most payload bytes in one data frame (SPDY allows 2^24 - 1). A large frame is one header
 #: per megabyte instead of one per socket read; spdystream hands a frame over whole.
 MAX_FRAME = 1024 * 1024
@@ -311,6 +314,9 @@ class SpdyConnection(asyncio.Protocol):
         self._control: bytearray | None = None  # a control frame being collected
         self._control_need = 0
         self._writing_paused = False
+        self._out: list[Any] = []  # frames of this event-loop turn (see _write)
+        self._out_size = 0
+        self._flush_scheduled = False
 
     # ---- asyncio.Protocol (the socket) ------------------------------------------------------
 
@@ -465,7 +471,7 @@ class SpdyConnection(asyncio.Protocol):
             self._stream_reset(stream_id & 0x7FFFFFFF, status)
         elif kind == PING:
             if self._transport is not None and not self._transport.is_closing():
-                self._transport.write(control_frame(PING, payload))
+                self._write([control_frame(PING, payload)])
         elif kind == GOAWAY:
             log.debug("port-forward to %s: the server sent GOAWAY", self.where)
             if self._transport is not None:
@@ -505,15 +511,47 @@ class SpdyConnection(asyncio.Protocol):
         if size <= MAX_FRAME:
             head = data_frame_header(stream_id, size, fin=fin)
             if size <= 65536:
-                transport.write(head + bytes(data))
+                self._write([head + bytes(data)])
             else:
-                transport.writelines([head, data])
+                self._write([head, data])
             return
         view = memoryview(data)
         for start in range(0, size, MAX_FRAME):
             part = view[start : start + MAX_FRAME]
             last = start + MAX_FRAME >= size
-            transport.writelines([data_frame_header(stream_id, len(part), fin=fin and last), part])
+            self._write([data_frame_header(stream_id, len(part), fin=fin and last), part])
+
+    def _write(self, pieces: list[Any]) -> None:
+        """Queue frames; the frames of one event-loop turn leave in one ``writelines`` at its
+        end (small ones joined: one TLS record and one ``send()`` for 1,000 OPENs or window
+        updates, not one each), at once past :data:`COALESCE` bytes."""
+        self._out += pieces
+        self._out_size += sum(len(p) for p in pieces)
+        if self._out_size >= COALESCE:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out, self._out_size = self._out, [], 0
+        transport = self._transport
+        if not out or transport is None or transport.is_closing():
+            return
+        batch: list[Any] = []
+        small = bytearray()
+        for piece in out:
+            if len(piece) < 16384:
+                small += piece
+                continue
+            if small:
+                batch.append(bytes(small))
+                small = bytearray()
+            batch.append(piece)
+        if small:
+            batch.append(bytes(small))
+        transport.writelines(batch)
 
     def _send_parts(self, stream_id: int, parts: list[Any]) -> None:
         """``parts`` as one data frame (several when over :data:`MAX_FRAME`); a small first part
@@ -529,12 +567,12 @@ class SpdyConnection(asyncio.Protocol):
         if len(parts[0]) <= 256:
             head += bytes(parts[0])
             parts = parts[1:]
-        transport.writelines([head, *parts])
+        self._write([head, *parts])
 
     def _send_reset(self, stream_id: int, status: int) -> None:
         transport = self._transport
         if transport is not None and not transport.is_closing():
-            transport.write(control_frame(RST_STREAM, struct.pack(">II", stream_id, status)))
+            self._write([control_frame(RST_STREAM, struct.pack(">II", stream_id, status))])
 
     def _syn(self, headers: dict[str, str]) -> int:
         assert self._transport is not None
@@ -544,7 +582,7 @@ class SpdyConnection(asyncio.Protocol):
         block += self._compress.flush(zlib.Z_SYNC_FLUSH)
         # stream id, associated stream id, priority 0 + slot 0, then the header block
         payload = struct.pack(">IIH", stream_id, 0, 0) + block
-        self._transport.write(control_frame(SYN_STREAM, payload))
+        self._write([control_frame(SYN_STREAM, payload)])
         return stream_id
 
     # ---- streams --------------------------------------------------------------------------------
@@ -553,7 +591,10 @@ class SpdyConnection(asyncio.Protocol):
         return self._transport is None or self._transport.is_closing()
 
     def write_buffer_size(self) -> int:
-        return 0 if self._transport is None else self._transport.get_write_buffer_size()
+        queued = self._out_size
+        return (
+            queued if self._transport is None else queued + self._transport.get_write_buffer_size()
+        )
 
     def write_buffer_limits(self) -> tuple[int, int]:
         return (0, 0) if self._transport is None else self._transport.get_write_buffer_limits()
@@ -595,6 +636,7 @@ class SpdyConnection(asyncio.Protocol):
         self._streams.pop(stream_id, None)
 
     def close(self) -> None:
+        self._flush()
         if self._transport is not None:
             self._transport.close()
 
