@@ -86,7 +86,9 @@ def test_operation_shorthands(written: str, operation: object, tmp_path: Path) -
 
 
 def test_a_personal_name_for_a_new_deployment_comes_from_the_environment(tmp_path: Path) -> None:
-    project = load("deployments:\n  api:\n    new:\n      name: api-${USER}\n", tmp_path, USER="alice")
+    project = load(
+        "deployments:\n  api:\n    new:\n      name: api-${USER}\n", tmp_path, USER="alice"
+    )
     spec = project.deployment("api")
     assert spec.target == "api-alice" and spec.name == "api"
 
