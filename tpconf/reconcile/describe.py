@@ -60,7 +60,10 @@ def operation_lines(spec: DeploymentSpec) -> list[str]:
 def describe_deployment(spec: DeploymentSpec) -> list[str]:
     """Every line of ``tpconf plan`` for one deployment."""
     lines = operation_lines(spec)
-    lines.append("+ tunnel: kubectl port-forward + SSH (pinned host key)")
+    lines.append(
+        "+ tunnel: port-forward to the agent (in this process), SSH with a pinned host key,"
+        " data over the agent's relay"
+    )
     lines.extend(REGISTRY[spec.method].describe(spec))
     if spec.volumes is not None:
         lines.append(f"+ mount the pod's filesystem at {spec.volumes.root}")

@@ -1,4 +1,4 @@
-"""The tunnel to a proxy pod: ``kubectl port-forward`` + one multiplexed SSH connection.
+"""The tunnel to a proxy pod: a port-forward (in process) + one pinned SSH connection + the relay.
 
 The only package that imports the SSH library (asyncssh). What it owns:
 

@@ -203,7 +203,8 @@ class Tunnel:
             raise TunnelError(
                 f"the agent at {self.where} refused a connection to {path}: {exc.reason}",
                 hint="the proxy pod does not run the intercept agent (the image may be older "
-                "than this tpconf: rebuild it, docs/agent.md)",
+                "than this tpconf: load the agent image of this version where the cluster pulls it, "
+                "or set `agent-image` in telepresence.yaml)",
             ) from exc
         except (asyncssh.Error, OSError) as exc:
             raise self._down(exc) from exc
