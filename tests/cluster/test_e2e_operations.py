@@ -343,7 +343,7 @@ async def test_an_image_that_does_not_exist_gives_pod_failed_naming_the_image(
     proxy = await new(kube, req)
     with pytest.raises(errors.PodFailed, match="tpconf/agent:does-not-exist") as info:
         await wait_for_pod(kube, proxy, timeout=90)
-    assert info.value.hint is not None and "make agent-image" in info.value.hint
+    assert info.value.hint is not None and "set `agent-image`" in info.value.hint
 
 
 async def test_a_timeout_says_what_it_was_waiting_for(

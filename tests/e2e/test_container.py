@@ -298,7 +298,8 @@ def test_down_after_kill_9_removes_the_containers(
     up = Up(cluster, tmp_path).start()
     try:
         up.wait_for(r"^app ready")
-        assert len(containers(docker, "tpconf.io/deployment=app")) == 2
+        # Ready once `docker run` is started; the engine creates the app container meanwhile.
+        wait_until(partial(both_running, docker), 30, "both containers running")
         assert up.process is not None
         killed = descendants(up.process.pid) + [up.process.pid] + janitors(tmp_path)
         for pid in killed:
@@ -308,8 +309,7 @@ def test_down_after_kill_9_removes_the_containers(
     finally:
         if up.process is not None and up.process.poll() is None:
             up.kill()
-    left = containers(docker, "tpconf.io/deployment=app")
-    assert len(left) == 2 and all(c["State"] == "running" for c in left), left
+    assert both_running(docker), containers(docker, "tpconf.io/deployment=app")
     down = run_tpconf(cluster, tmp_path, "down")
     assert down.returncode == 0, down.stdout + down.stderr
     assert "removed the network container tpconf-" in down.stdout, down.stdout
@@ -337,6 +337,12 @@ def test_a_killed_up_leaves_no_container_running(
     wait_until(
         lambda: containers(docker, "tpconf.io/deployment=app") == [], 30, "the containers to go"
     )
+
+
+def both_running(docker: str) -> bool:
+    """The network container and the app container of ``app`` both run."""
+    found = containers(docker, "tpconf.io/deployment=app")
+    return len(found) == 2 and all(c["State"] == "running" for c in found)
 
 
 def descendants(pid: int) -> list[int]:
