@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from functools import partial
@@ -190,3 +192,45 @@ async def test_in_process_port_forward_carries_dial_over_the_relay_and_recovers_
         assert tunnel.current is not None and await tunnel.current.relay_ready() is not None
         assert "reconnecting" in [e.state.value for e in events]
         tg.cancel_scope.cancel()
+
+
+async def test_a_killed_kubectl_port_forward_child_is_replaced(
+    agent: Agent, namespace: str
+) -> None:
+    """The fallback transport (a `kubectl port-forward` child, as with TPCONF_PORT_FORWARD=kubectl):
+    its child killed with SIGKILL, the tunnel starts another and dials again."""
+    events: list[TunnelEvent] = []
+    target = dataclasses.replace(agent.target, in_process=False)
+    async with anyio.create_task_group() as tg:
+        tunnel = await tg.start(
+            partial(run_tunnel, on_state=events.append),
+            port_forward_transport(target),
+            agent.keys.credentials("tpconf"),
+        )
+        (child,) = _port_forward_children()
+        os.kill(child, signal.SIGKILL)
+        host = f"helloworld.{namespace}.svc.cluster.local"
+        with anyio.fail_after(60):
+            while True:
+                await anyio.sleep(0.2)
+                try:
+                    stream = await tunnel.dial(host, 80)
+                except TpconfError as exc:  # the tunnel is reconnecting: try again
+                    print(f"not yet: {exc}")
+                    continue
+                async with stream:
+                    await stream.send(b"GET / HTTP/1.0\r\n\r\n")
+                    assert (await stream.receive()).startswith(b"HTTP/1.1 200")
+                break
+        (replacement,) = _port_forward_children()
+        assert replacement != child
+        assert "reconnecting" in [e.state.value for e in events]
+        tg.cancel_scope.cancel()
+
+
+def _port_forward_children() -> list[int]:
+    out = subprocess.run(
+        ["pgrep", "-P", str(os.getpid()), "-f", "port-forward"],
+        capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    return [int(pid) for pid in out.split()]

@@ -135,10 +135,8 @@ def heal() -> float:
 @pytest.fixture(scope="module")
 def scene(cluster: E2ECluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
     namespace = f"tpconf-faults-{uuid.uuid4().hex[:6]}"
-    # The first fault kills each deployment's `kubectl port-forward` child: ask for children
-    # (the in-process port-forward has no process to kill; its faults: tests/e2e/test_tunnel.py).
-    env = pytest.MonkeyPatch()
-    env.setenv("TPCONF_PORT_FORWARD", "kubectl")
+    # `up` as users run it: the port-forward in its own process (a killed `kubectl port-forward`
+    # child, the fallback, is tests/e2e/test_tunnel.py's).
     cluster.kubectl("create", "namespace", namespace)
     project = tmp_path_factory.mktemp("faults")
     try:
@@ -189,5 +187,4 @@ deployments:
                 if up.process is not None and up.process.poll() is None:
                     up.kill()
     finally:
-        env.undo()
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)

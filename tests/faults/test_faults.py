@@ -10,8 +10,6 @@ without a restart", not how fast. The measured times are printed (`pytest -s`).
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -33,23 +31,15 @@ def connected(scene: Scene) -> bool:
     return all(row["tunnel"] == "connected" for row in state["deployments"])
 
 
-def children(scene: Scene, pattern: str) -> list[int]:
-    assert scene.up.process is not None
-    out = subprocess.run(
-        ["pgrep", "-f", "-P", str(scene.up.process.pid), pattern],
-        capture_output=True, text=True, check=False,
-    ).stdout  # fmt: skip
-    return [int(pid) for pid in out.split()]
-
-
-def test_a_killed_port_forward_is_replaced_and_the_other_deployment_is_untouched(
-    scene: Scene,
-) -> None:
-    (forward,) = children(scene, "port-forward.*pod/inj-")
+def test_reset_connections_to_the_api_server_are_reopened(scene: Scene) -> None:
+    """Every TCP connection of the laptop to the API server reset at once (as a load balancer's
+    idle timeout or an API server failover does): both port-forwards and the watches."""
+    laptop = scene.laptop
     start = time.time()
-    os.kill(forward, signal.SIGKILL)
-    report("port-forward killed", scene.wait_recovered(start, 30, "port-forward killed"))
-    assert scene.vpn.broken_between(start, time.time()) == []
+    reset = laptop.run("ss", "-K", "-t", "dst", laptop.api_server, "dport", "=", "6443")
+    assert reset.returncode == 0, reset.stderr
+    assert reset.stdout.count("ESTAB") >= 2, reset.stdout  # at least both port-forwards
+    report("API connections reset", scene.wait_recovered(start, 60, "API connections reset"))
     wait_until(lambda: connected(scene), 30, "status to show both tunnels connected")
 
 
