@@ -1,7 +1,8 @@
 """Row 4: DNS lookup of a Service name.
 
 - ``ClusterResolver`` (what the SOCKS server's RESOLVE uses), uncached (its cache emptied before
-  each lookup; the query rides a ``direct-tcpip`` channel to the pod's nameserver, read from the
+  each lookup; the query rides a relay channel (the tunnel as `tpconf up` makes it: port-forward in
+  this process) to the pod's nameserver, read from the
   agent's resolv.conf with ``fetch_pod_info``) and cached;
 - the vpn-tcp ``DnsServer`` over UDP on 127.0.0.1, uncached, cached, and cached with its reply
   cache emptied (the answer built anew with dnslib);
@@ -35,10 +36,10 @@ from tpconf.proxy import ClusterResolver, DnsServer
 from tpconf.tunnel import (
     PodInfo,
     PortForwardTarget,
-    Tunnel,
+    SupervisedTunnel,
     fetch_pod_info,
-    kubectl_port_forward,
-    open_tunnel,
+    port_forward_transport,
+    run_tunnel,
 )
 
 REF = "in-pod getaddrinfo"
@@ -61,7 +62,8 @@ print(json.dumps(out))
 
 
 @asynccontextmanager
-async def tunnel_to_agent(bench: Bench) -> AsyncIterator[tuple[Tunnel, PodInfo]]:
+async def tunnel_to_agent(bench: Bench) -> AsyncIterator[tuple[SupervisedTunnel, PodInfo]]:
+    """The tunnel as ``tpconf up`` makes it: port-forward in this process, SSH, the relay."""
     cfg = bench.side_config()
     target = PortForwardTarget(
         namespace=cfg.namespace,
@@ -70,8 +72,13 @@ async def tunnel_to_agent(bench: Bench) -> AsyncIterator[tuple[Tunnel, PodInfo]]
         kubeconfig=cfg.kubeconfig,
     )
     creds = bench.ns.keys.credentials("tpconf")
-    async with kubectl_port_forward(target) as pf, open_tunnel(pf.endpoint, creds) as tunnel:
+    async with anyio.create_task_group() as tg:
+        tunnel = await tg.start(run_tunnel, port_forward_transport(target), creds)
+        live = tunnel.current
+        if live is not None:
+            await live.relay_ready()  # queries go over the relay as soon as up's do
         yield tunnel, await fetch_pod_info(tunnel)
+        tg.cancel_scope.cancel()
 
 
 def _vpn_lookups(bench: Bench, rows: dict[str, Row]) -> bool:

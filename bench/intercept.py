@@ -171,7 +171,9 @@ def _measure(bench: Bench) -> None:
     local_name = "a request to the local process (new connection, via the Service)"
     swapped = bench.table.add(Row(local_name, "swap", "ms"))
     matched = bench.table.add(Row(local_name, "intercept, matching", "ms", reference="swap"))
-    matched.note = "router + SSH over kubectl port-forward, as swap's proxy without the router"
+    matched.note = (
+        "the agent's router, then an SSH remote forward over the port-forward, as swap's expose"
+    )
     for manifest in _manifests():
         kubectl("-n", ns, "apply", "-f", "-", input_text=json.dumps(manifest))
     kubectl("-n", ns, "rollout", "status", f"deployment/{NAME}", "--timeout=180s", timeout=200)
