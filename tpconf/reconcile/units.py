@@ -354,10 +354,13 @@ async def proxy_unit(ctx: Context, *, task_status: TaskStatus[ProxyReady]) -> No
     )
     await session.preflight(client, request.namespace, type(request.operation))
     try:
-        proxy = await cluster.start(client, request, progress=ctx.notice)
-        if proxy.shared_keys is not None:  # an intercept: the keys its developers share
-            keys = await anyio.to_thread.run_sync(ProxyKeys.from_secret_data, proxy.shared_keys)
-        pod = await cluster.wait_for_pod(client, proxy, progress=ctx.notice)
+        async with anyio.create_task_group() as meanwhile:
+            # What the tunnel needs that does not depend on the pod, while the pod starts.
+            meanwhile.start_soon(_target(ctx, client, namespace=request.namespace).prepare)
+            proxy = await cluster.start(client, request, progress=ctx.notice)
+            if proxy.shared_keys is not None:  # an intercept: the keys its developers share
+                keys = await anyio.to_thread.run_sync(ProxyKeys.from_secret_data, proxy.shared_keys)
+            pod = await cluster.wait_for_pod(client, proxy, progress=ctx.notice)
         task_status.started(ProxyReady(client, request, proxy, keys, pod))
         if isinstance(request.operation, cluster.Intercept):
             await _hold_intercept(ctx, client, request)
@@ -389,10 +392,17 @@ async def _hold_intercept(
             failing = False
 
 
-def _target(ctx: Context, client: cluster.Cluster, pod: cluster.PodRef) -> PortForwardTarget:
+def _target(
+    ctx: Context,
+    client: cluster.Cluster,
+    pod: cluster.PodRef | None = None,
+    *,
+    namespace: str = "",
+) -> PortForwardTarget:
+    """What the tunnel port-forwards to: ``pod``, or (no pod yet) only the way there."""
     return PortForwardTarget(
-        namespace=pod.namespace,
-        resource=f"pod/{pod.pod}",
+        namespace=pod.namespace if pod is not None else namespace,
+        resource=f"pod/{pod.pod}" if pod is not None else "",
         kubectl=ctx.session.kubectl,
         kubeconfig=ctx.session.kubeconfig,
         # The context tpconf resolved: the kubeconfig's current one may change while up runs.

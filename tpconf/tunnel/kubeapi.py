@@ -25,6 +25,7 @@ import ssl
 import subprocess
 import tempfile
 import urllib.parse
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -248,19 +249,20 @@ def from_config_view(view: dict[str, Any]) -> ApiServer:
 
 
 _CACHE: dict[tuple[str, str | None, str | None], ApiServer | None] = {}
-_LOCK: asyncio.Lock | None = None
+#: One lock per event loop (an asyncio lock belongs to the loop it first waited in).
+_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def api_server(kubectl: str, kubeconfig: str | None, context: str | None) -> ApiServer | None:
     """The API server kubectl would port-forward through, or ``None`` when only kubectl itself
     can (the reason is logged). Asked once per process for each kubeconfig and context."""
-    global _LOCK
     key = (kubectl, kubeconfig, context)
     if key in _CACHE:
         return _CACHE[key]
-    if _LOCK is None:
-        _LOCK = asyncio.Lock()
-    async with _LOCK:
+    lock = _LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+    async with lock:
         if key in _CACHE:
             return _CACHE[key]
         cmd = [kubectl, "config", "view", "--minify", "--flatten", "--raw", "-o", "json"]
