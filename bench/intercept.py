@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import textwrap
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -145,6 +146,21 @@ def _time(ns: str, host: str, port: int, header: str, count: int, want: str) -> 
     return samples
 
 
+def _settled(ns: str, service: str, header: str) -> None:
+    """Wait until the Service answers from the local server: ``ready`` can come before the
+    endpoints of the replaced pods are gone from kube-proxy's rules (swap) or the local
+    server listens."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            _time(ns, service, 8080, header, 3, "local")
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _agent_pod(ns: str) -> tuple[str, int]:
     """The intercepted pod's IP and the agent's port in front of 8080."""
     pods = json.loads(
@@ -184,7 +200,7 @@ def _measure(bench: Bench) -> None:
     with running_up(_config(ns, intercept), _prepare) as up:
         up.wait_line(rf"^{NAME}\s+ready", 300)
         ip, agent = _agent_pod(ns)
-        _time(ns, service, 8080, header, 3, "local")  # the local server is up
+        _settled(ns, service, header)
         for _ in range(rounds):
             direct.samples += _time(ns, ip, 8080, "", count, "app")
             through.samples += _time(ns, ip, agent, "", count, "app")
@@ -192,7 +208,7 @@ def _measure(bench: Bench) -> None:
     kubectl("-n", ns, "rollout", "status", f"deployment/{NAME}", "--timeout=180s", timeout=200)
     with running_up(_config(ns, {"swap": NAME}), _prepare) as up:
         up.wait_line(rf"^{NAME}\s+ready", 300)
-        _time(ns, service, 8080, "", 3, "local")
+        _settled(ns, service, "")
         for _ in range(rounds):
             swapped.samples += _time(ns, service, 8080, "", count, "local")
     for row in (direct, through, matched, swapped):
