@@ -64,7 +64,8 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
-        use_attribute_docstrings=True,
+        defer_build=True,
+        # Attribute docstrings are read by tpconf.config.schema, only when the schema is built.
         alias_generator=kebab,
         validate_by_alias=True,
         # `also_proxy` must be an unknown key (with a "did you mean `also-proxy`"), not an alias.

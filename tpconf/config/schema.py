@@ -4,13 +4,24 @@
 docstrings of :mod:`tpconf.config.models` are the single source of the text, with one exception:
 the valid values of `method` and their descriptions come from the method registry the caller
 passes in (each method's ``summary``), so a new method documents itself.
+
+The attribute docstrings are read here, from the models' source, and not by pydantic
+(``use_attribute_docstrings``): pydantic would parse that source at every start, a tenth of
+``tpconf validate``'s time, for text only the schema and the docs print.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
+import itertools
 import json
+import textwrap
 from typing import Any
 
+from pydantic import BaseModel
+
+from tpconf.config import models
 from tpconf.config.methods import MethodCatalog
 from tpconf.config.models import TelepresenceFile
 
@@ -39,6 +50,7 @@ _DOC_ORDER = (
 def json_schema(methods: MethodCatalog) -> dict[str, Any]:
     """The JSON schema (draft 2020-12) of telepresence.yaml."""
     body = TelepresenceFile.model_json_schema(by_alias=True, mode="validation")
+    _add_attribute_docstrings(body)
     for model in body.get("$defs", {}).values():
         prop = model.get("properties", {}).get("method")
         if prop is not None:
@@ -49,6 +61,50 @@ def json_schema(methods: MethodCatalog) -> dict[str, Any]:
         **body,
         "title": "telepresence.yaml",
     }
+
+
+def _add_attribute_docstrings(body: dict[str, Any]) -> None:
+    """Each property without a ``description`` gets its field's attribute docstring."""
+    classes = {
+        name: value
+        for name, value in vars(models).items()
+        if isinstance(value, type) and issubclass(value, BaseModel)
+    }
+    for name, model in [(TelepresenceFile.__name__, body), *body.get("$defs", {}).items()]:
+        cls = classes.get(name)
+        if cls is None:
+            continue
+        docs = attribute_docstrings(cls)
+        for field_name, field in cls.model_fields.items():
+            prop = model.get("properties", {}).get(field.alias or field_name)
+            if prop is not None and "description" not in prop and field_name in docs:
+                keyed = sorted({**prop, "description": docs[field_name]}.items())
+                prop.clear()
+                prop.update(keyed)  # pydantic's order: keys sorted
+
+
+def attribute_docstrings(cls: type[BaseModel]) -> dict[str, str]:
+    """The string literal under each annotated attribute of ``cls`` and its bases, by name.
+
+    The same text pydantic's ``use_attribute_docstrings`` reads (cleaned like a docstring); a
+    subclass's own docstring for a name wins over its base's.
+    """
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if not (isinstance(base, type) and issubclass(base, BaseModel)) or base is BaseModel:
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(base)))
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
 
 
 def _document_methods(prop: dict[str, Any], methods: MethodCatalog) -> None:
