@@ -27,9 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
-from rich.console import Console, RenderableType
-from rich.table import Table
-from rich.text import Text
 
 from tpconf import __version__
 from tpconf.config import (
@@ -54,13 +51,17 @@ from tpconf.supervisor import ConsoleSink, to_dotenv, to_json
 from tpconf.supervisor.output import LOGS_DIR, LogRecord, OutputSink, Stream
 
 if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
     from rich.live import Live
+    from rich.table import Table
+    from rich.text import Text
 
     from tpconf.reconcile.session import ClusterTarget, Session
     from tpconf.supervisor.process import ProcessExit
 
 # The Kubernetes client and the SSH library take most of a second to import: commands that talk
-# to the cluster import them when they run (`validate`, `plan`, `schema` stay instant).
+# to the cluster import them when they run. rich too (a twentieth of `validate`): it is imported
+# by the first thing that prints through it.
 
 #: Exit codes: 2 is also click's code for a bad command line; 127 is a shell's "not found".
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_NOT_FOUND = 0, 1, 2, 127
@@ -80,22 +81,30 @@ def _console(stderr: bool = True) -> Console:
     # pipes) rich would assume 80 columns and fold the status table: give it room instead.
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else 160
+    from rich.console import Console
+
     return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+
+
+def _text(text: str, style: str = "") -> Text:
+    from rich.text import Text
+
+    return Text(text, style=style)
 
 
 def print_error(message: str) -> None:
     """Print an error (already rendered, with its position) to stderr."""
-    _console().print(Text(message, style="red"))
+    _console().print(_text(message, style="red"))
 
 
 def print_warning_text(text: str) -> None:
     """Print a warning that is not about a position in the file."""
-    _console().print(Text(text, style="yellow"))
+    _console().print(_text(text, style="yellow"))
 
 
 def print_warning(warning: ConfigWarning) -> None:
     """Print a config warning as `file:line:col: warning: ...` to stderr."""
-    _console().print(Text(warning.render(), style="yellow"))
+    _console().print(_text(warning.render(), style="yellow"))
 
 
 def project_root() -> Path:
@@ -331,6 +340,7 @@ class LiveStart:
         self.live: Live | None = None
 
     def begin(self, names: Sequence[str]) -> None:
+        from rich.console import Console
         from rich.live import Live
 
         now = self._clock()
@@ -364,6 +374,8 @@ class LiveStart:
             self.live = None
 
     def render(self) -> RenderableType:
+        from rich.table import Table
+
         table = Table.grid(padding=(0, 2))
         for _ in range(3):
             table.add_column(no_wrap=True)
@@ -373,10 +385,10 @@ class LiveStart:
             elapsed = (finished if finished is not None else now) - began
             style = "red" if mark == "✗" else "green" if mark else "yellow"
             table.add_row(
-                Text(mark or "…", style=style),
-                Text(name, style="bold"),
-                Text(f"{elapsed:5.1f}s", style="dim"),
-                Text(text),
+                _text(mark or "…", style=style),
+                _text(name, style="bold"),
+                _text(f"{elapsed:5.1f}s", style="dim"),
+                _text(text),
             )
         return table
 
@@ -413,7 +425,7 @@ class ConsoleReporter(Reporter):
         if self.live is not None and self.live.live is not None:
             return  # the live lines show the start
         for action in plan.actions:
-            _console().print(Text(str(action), style="dim"))
+            _console().print(_text(str(action), style="dim"))
 
     def status(self, snapshot: state.Snapshot) -> None:
         print_status(snapshot)
@@ -425,11 +437,11 @@ class ConsoleReporter(Reporter):
         print_error(explain(error).render())
 
     def message(self, text: str) -> None:
-        _console().print(Text(text, style="bold"))
+        _console().print(_text(text, style="bold"))
 
     def clusters(self, targets: Sequence[ClusterTarget]) -> None:
         for target in targets:
-            _console().print(Text(f"using {target}", style="bold"))
+            _console().print(_text(f"using {target}", style="bold"))
 
     def starting(self, names: Sequence[str]) -> None:
         if self.live is not None:
@@ -451,6 +463,8 @@ def print_status(snapshot: state.Snapshot) -> None:
 
 def status_table(snapshot: state.Snapshot) -> Table:
     """The compact status: deployment, pod, method, exposes, process."""
+    from rich.table import Table
+
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("DEPLOYMENT", "NAMESPACE", "POD", "METHOD", "EXPOSE", "TUNNEL", "PROCESS"):
         table.add_column(column)
@@ -459,9 +473,9 @@ def status_table(snapshot: state.Snapshot) -> Table:
         if problem is not None:
             # The whole message (and its hint) was printed when it happened: one line here.
             shown = problem if len(problem) <= 100 else problem[:99] + "…"
-            process = Text(shown, "yellow" if row.retry_at is not None else "red")
+            process = _text(shown, "yellow" if row.retry_at is not None else "red")
         else:
-            process = Text(row.process)
+            process = _text(row.process)
         table.add_row(
             row.name,
             row.namespace,
@@ -568,16 +582,16 @@ def plan(files: Files, names: tuple[str, ...]) -> None:
     actions = build_plan({}, desired_facets(project, REGISTRY))
     console = _console(stderr=False)
     for spec in project.deployments:
-        console.print(Text(f"{spec.name}:", style="bold"))
+        console.print(_text(f"{spec.name}:", style="bold"))
         for line in describe_deployment(spec):
             console.print(f"  {line}")
-    console.print(Text("paths on this machine:", style="bold"))
+    console.print(_text("paths on this machine:", style="bold"))
     for local in local_paths(project):
         whose = f"{local.deployment}: " if local.deployment else ""
         console.print(f"  {local.path} ({whose}{local.what})")
-    console.print(Text(f"{len(actions.actions)} unit(s) to start:", style="dim"))
+    console.print(_text(f"{len(actions.actions)} unit(s) to start:", style="dim"))
     for action in actions.actions:
-        console.print(Text(f"  {action}", style="dim"))
+        console.print(_text(f"  {action}", style="dim"))
 
 
 @cli.command()
@@ -597,7 +611,7 @@ def down(files: Files, names: tuple[str, ...], everything: bool) -> int:
             config,
             everything=everything,
             names=names,
-            progress=lambda text: _console().print(Text(text, style="dim")),
+            progress=lambda text: _console().print(_text(text, style="dim")),
         ),
         backend="asyncio",
     )
@@ -646,7 +660,7 @@ def status(files: Files, names: tuple[str, ...], as_json: bool) -> int:
         console.print("tpconf up is not running here")
     else:
         console.print(
-            Text(
+            _text(
                 f"tpconf up (pid {snapshot.pid}) ended without cleaning up; "
                 "run `tpconf down` to restore the cluster",
                 style="yellow",
@@ -872,7 +886,7 @@ def rbac() -> None:
 
 def _traceback(exc: BaseException) -> None:
     text = "".join(traceback.format_exception(exc))
-    _console().print(Text(text.rstrip(), style="dim"))
+    _console().print(_text(text.rstrip(), style="dim"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
