@@ -26,6 +26,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import anyio
 
@@ -385,7 +386,6 @@ async def run_up(
     # Nothing has changed yet: a wrong cluster is refused here, before any unit starts.
     await up.announce_targets(project)
     await anyio.to_thread.run_sync(up.logs.clear)
-    await anyio.to_thread.run_sync(write_schema, files.project_dir)
 
     async with anyio.create_task_group() as root:
         reconciler = Reconciler(
@@ -409,6 +409,9 @@ async def run_up(
             finally:
                 reporter.started()
             reporter.status(up.snapshot())
+            # After the first pass, not before: building the schema costs a tenth of a second
+            # of the start, for the editor's completion only.
+            working.start_soon(_refresh_schema_copy, files.project_dir)
             if not reconciler.running and project.deployments:
                 retrying = any(d.retry for d in reconciler.deployments.values())
                 reporter.message(
@@ -446,6 +449,13 @@ async def run_up(
         await anyio.to_thread.run_sync(state.remove, session.state_dir)
         root.cancel_scope.cancel()
     return code or 0
+
+
+async def _refresh_schema_copy(project_dir: Path) -> None:
+    try:
+        await anyio.to_thread.run_sync(write_schema, project_dir)
+    except OSError as exc:
+        log.debug("cannot write the schema copy: %s", exc)
 
 
 async def _follow(up: Up) -> None:
