@@ -6,6 +6,9 @@
   only the port differs); the time from spawn to the proxy's first accepted connection. The
   child is then stopped (SIGINT: its own cleanup).
 - ``python -c pass``: the interpreter alone, the floor of both.
+- ``imports: validate's libraries`` (click, pydantic with one model, ruamel.yaml, anyio) and
+  ``imports: + kubernetes.config``: what tpconf cannot start without while those libraries are
+  its dependencies; the distance from them to the tpconf rows is tpconf's own share.
 
 Runs interleaved (one of each per round). The note of the up row lists the largest cumulative
 imports of ``python -X importtime -m tpconf up --help`` (what runs before the first request).
@@ -110,9 +113,21 @@ def _validate(project: Path) -> float:
     return (time.monotonic() - start) * 1e3
 
 
-def _bare() -> float:
+#: The libraries each start needs before its own code runs (one pydantic model: the first model
+#: builds pydantic's schema machinery).
+VALIDATE_LIBRARIES = (
+    "import click, anyio, ruamel.yaml\n"
+    "from pydantic import BaseModel\n"
+    "class M(BaseModel):\n"
+    "    x: int = 0\n"
+    "M.model_validate({'x': 1})"
+)
+UP_LIBRARIES = VALIDATE_LIBRARIES + "\nimport kubernetes.config"
+
+
+def _bare(code: str = "pass") -> float:
     start = time.monotonic()
-    subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=30)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
     return (time.monotonic() - start) * 1e3
 
 
@@ -161,6 +176,8 @@ def start(bench: Bench) -> None:
     name = "start"
     rows = {
         "python -c pass": bench.table.add(Row(name, "python -c pass", "ms")),
+        "validate libraries": bench.table.add(Row(name, "imports: validate's libraries", "ms")),
+        "up libraries": bench.table.add(Row(name, "imports: + kubernetes.config", "ms")),
         "validate": bench.table.add(Row(name, "tpconf validate", "ms")),
         "up": bench.table.add(Row(name, "tpconf up -> first API request", "ms")),
     }
@@ -174,6 +191,8 @@ def start(bench: Bench) -> None:
         if not deadline:
             break
         rows["python -c pass"].samples.append(_bare())
+        rows["validate libraries"].samples.append(_bare(VALIDATE_LIBRARIES))
+        rows["up libraries"].samples.append(_bare(UP_LIBRARIES))
         rows["validate"].samples.append(_validate(project))
         rows["up"].samples.append(_first_request(project))
     rows["up"].note = "largest imports (cumulative): " + _importtime()
