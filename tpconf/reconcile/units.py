@@ -58,6 +58,7 @@ from tpconf.tunnel import (
     TunnelEvent,
     TunnelState,
     fetch_pod_info,
+    load_ssh_library,
     port_forward_transport,
     run_tunnel,
 )
@@ -357,6 +358,9 @@ async def proxy_unit(ctx: Context, *, task_status: TaskStatus[ProxyReady]) -> No
         async with anyio.create_task_group() as meanwhile:
             # What the tunnel needs that does not depend on the pod, while the pod starts.
             meanwhile.start_soon(_target(ctx, client, namespace=request.namespace).prepare)
+            meanwhile.start_soon(
+                partial(anyio.to_thread.run_sync, load_ssh_library, abandon_on_cancel=True)
+            )
             proxy = await cluster.start(client, request, progress=ctx.notice)
             if proxy.shared_keys is not None:  # an intercept: the keys its developers share
                 keys = await anyio.to_thread.run_sync(ProxyKeys.from_secret_data, proxy.shared_keys)

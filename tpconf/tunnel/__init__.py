@@ -54,6 +54,14 @@ if TYPE_CHECKING:
 _CONNECTION = ("RemoteForward", "Tunnel", "open_tunnel")
 
 
+def load_ssh_library() -> None:
+    """Import the SSH library now. Its import takes about 0.3 s (a search for liboqs that runs
+    ``ldconfig``, ``gcc`` and ``ld`` included): the proxy unit calls this in a worker thread
+    while its pod starts, so the first tunnel does not import it in the event loop after the pod
+    is Ready."""
+    from tpconf.tunnel import connection  # noqa: F401
+
+
 def __getattr__(name: str) -> Any:
     if name in _CONNECTION:
         from tpconf.tunnel import connection
@@ -85,6 +93,7 @@ __all__ = [
     "TunnelState",
     "fetch_pod_info",
     "kubectl_port_forward",
+    "load_ssh_library",
     "open_tunnel",
     "port_forward_transport",
     "run_tunnel",
