@@ -363,6 +363,23 @@ def _service_account_cluster(ns: Namespace, sa: str, admin: Cluster) -> Cluster:
     return from_token(conf.host, token, ca_file=conf.ssl_ca_cert, namespace=ns.name)
 
 
+RULES_REVIEW = "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews"
+ACCESS_REVIEW = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+
+
+def _record_paths(cluster: Cluster) -> list[str]:
+    """The paths of the requests ``cluster`` sends from now on, in order."""
+    sent: list[str] = []
+    real = cluster.request
+
+    async def recording(method: str, resource_path: str, **kwargs: Any) -> Any:
+        sent.append(resource_path)
+        return await real(method, resource_path, **kwargs)
+
+    cluster.request = recording  # type: ignore[method-assign]
+    return sent
+
+
 def _rbac_docs() -> tuple[dict[str, Any], dict[str, Any]]:
     role, binding = yaml.safe_load_all(Path(REPO, "docs/rbac.yaml").read_text())
     return role, binding
@@ -376,7 +393,9 @@ async def test_the_documented_role_is_enough_for_new_swap_and_down(
     namespace.rbac.create_namespaced_role_binding(namespace.name, binding)
     dev = _service_account_cluster(namespace, "developer", kube)
     try:
+        sent = _record_paths(dev)
         await preflight(dev, namespace.name, (New, Swap, Existing))
+        assert sent == [RULES_REVIEW]  # RBAC's rules cover it all: no review one by one
         make_workload(namespace, "web", 2)
         proxy = await new(dev, proxy_request(namespace.name, keys, name="fresh"))
         await wait_for_pod(dev, proxy, timeout=90)
@@ -398,8 +417,11 @@ async def test_a_role_without_port_forward_is_caught_by_preflight_naming_it(
     namespace.rbac.create_namespaced_role_binding(namespace.name, binding)
     dev = _service_account_cluster(namespace, "developer", kube)
     try:
+        sent = _record_paths(dev)
         with pytest.raises(errors.Forbidden) as info:
             await preflight(dev, namespace.name, (New,))
+        # What the rules do not grant is asked one by one (another authorizer might allow it).
+        assert sent == [RULES_REVIEW, ACCESS_REVIEW, ACCESS_REVIEW]
         assert info.value.message == (
             f'missing permissions in namespace "{namespace.name}": '
             "create pods/portforward, get pods/portforward"

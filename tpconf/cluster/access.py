@@ -3,7 +3,8 @@ docs/rbac.yaml), and :func:`preflight`, which checks it before anything is creat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import anyio
 
@@ -76,15 +77,62 @@ def _qualified(group: str, resource: str) -> str:
     return f"{base}.{group}" + (f"/{sub}" if sub else "")
 
 
+def granted(rules: Sequence[dict[str, Any]], verb: str, group: str, resource: str) -> bool:
+    """Whether the ``resourceRules`` of a SelfSubjectRulesReview allow ``verb`` on every object
+    of ``resource`` (``pods/portforward``: a subresource) in API ``group``.
+
+    Matched as RBAC matches: ``*`` for any verb, group or resource, ``*/SUB`` for a subresource
+    of any resource; a rule limited to ``resourceNames`` does not count (tpconf's objects have
+    names of their own).
+    """
+    _, _, sub = resource.partition("/")
+    for rule in rules:
+        if rule.get("resourceNames"):
+            continue
+        verbs, groups = rule.get("verbs") or [], rule.get("apiGroups") or []
+        resources = rule.get("resources") or []
+        if not ("*" in verbs or verb in verbs) or not ("*" in groups or group in groups):
+            continue
+        if "*" in resources or resource in resources or (sub and f"*/{sub}" in resources):
+            return True
+    return False
+
+
+async def _rules(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    """What RBAC lets this user do in ``namespace`` (one SelfSubjectRulesReview)."""
+    review = await cluster.request(
+        "POST",
+        "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews",
+        what=f'list your permissions in namespace "{namespace}"',
+        body={
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectRulesReview",
+            "spec": {"namespace": namespace},
+        },
+    )
+    rules = (review.get("status") or {}).get("resourceRules") or []
+    return [rule for rule in rules if isinstance(rule, dict)]
+
+
 async def preflight(
     cluster: Cluster, namespace: str, operations: Iterable[type] = (New, Swap, Existing)
 ) -> None:
-    """Check with SelfSubjectAccessReviews that tpconf may do what ``operations`` need.
+    """Check that tpconf may do what ``operations`` need.
+
+    One SelfSubjectRulesReview lists what RBAC allows; whatever its rules do not cover (a
+    denial, or a grant only another authorizer knows: the review is best effort) is asked with
+    a SelfSubjectAccessReview each. The 22 reviews one by one took a quarter of a second of
+    ``up``'s start on the local cluster; the rules review takes one request.
 
     Raises :class:`~tpconf.errors.Forbidden` naming every missing ``verb resource`` (e.g.
     ``create pods/portforward``) before anything is created, instead of failing half-way.
     """
     needed = required_access(operations)
+    try:
+        rules = await _rules(cluster, namespace)
+    except errors.Forbidden:
+        rules = []  # the access reviews below say what is missing
+    unsure = [triple for triple in needed if not granted(rules, *triple)]
     denied: list[str] = []
 
     async def check(verb: str, group: str, resource: str) -> None:
@@ -106,7 +154,7 @@ async def preflight(
             denied.append(f"{verb} {_qualified(group, resource)}")
 
     async with anyio.create_task_group() as tg:
-        for verb, group, resource in needed:
+        for verb, group, resource in unsure:
             tg.start_soon(check, verb, group, resource)
     if denied:
         order = {f"{v} {_qualified(g, r)}": i for i, (v, g, r) in enumerate(needed)}
