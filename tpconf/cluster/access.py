@@ -98,19 +98,23 @@ def granted(rules: Sequence[dict[str, Any]], verb: str, group: str, resource: st
     return False
 
 
-async def _rules(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
-    """What RBAC lets this user do in ``namespace`` (one SelfSubjectRulesReview)."""
+async def _review(cluster: Cluster, kind: str, spec: dict[str, Any], what: str) -> dict[str, Any]:
+    """The ``status`` of a self-review (``SelfSubjectRulesReview``, ``SelfSubjectAccessReview``)."""
     review = await cluster.request(
         "POST",
-        "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews",
-        what=f'list your permissions in namespace "{namespace}"',
-        body={
-            "apiVersion": "authorization.k8s.io/v1",
-            "kind": "SelfSubjectRulesReview",
-            "spec": {"namespace": namespace},
-        },
+        f"/apis/authorization.k8s.io/v1/{kind.lower()}s",
+        what=what,
+        body={"apiVersion": "authorization.k8s.io/v1", "kind": kind, "spec": spec},
     )
-    rules = (review.get("status") or {}).get("resourceRules") or []
+    status: dict[str, Any] = review.get("status") or {}
+    return status
+
+
+async def _rules(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    """What RBAC lets this user do in ``namespace`` (one SelfSubjectRulesReview)."""
+    what = f'list your permissions in namespace "{namespace}"'
+    status = await _review(cluster, "SelfSubjectRulesReview", {"namespace": namespace}, what)
+    rules = status.get("resourceRules") or []
     return [rule for rule in rules if isinstance(rule, dict)]
 
 
@@ -140,17 +144,9 @@ async def preflight(
         attrs = {"namespace": namespace, "verb": verb, "group": group, "resource": base}
         if sub:
             attrs["subresource"] = sub
-        review = await cluster.request(
-            "POST",
-            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
-            what=f"check access to {verb} {_qualified(group, resource)}",
-            body={
-                "apiVersion": "authorization.k8s.io/v1",
-                "kind": "SelfSubjectAccessReview",
-                "spec": {"resourceAttributes": attrs},
-            },
-        )
-        if not (review.get("status") or {}).get("allowed"):
+        what = f"check access to {verb} {_qualified(group, resource)}"
+        spec = {"resourceAttributes": attrs}
+        if not (await _review(cluster, "SelfSubjectAccessReview", spec, what)).get("allowed"):
             denied.append(f"{verb} {_qualified(group, resource)}")
 
     async with anyio.create_task_group() as tg:
