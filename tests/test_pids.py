@@ -119,6 +119,7 @@ def test_a_recorded_group_whose_pid_now_belongs_to_another_process_is_left_alone
         children = [{**earlier.to_dict(), "what": "kubectl"}]
         record.write_text(json.dumps({"owner": gone, "children": children}))
         assert Child(earlier, "kubectl").members() == []
+        assert not Child(earlier, "kubectl").may_have_members()
         assert stop_leftovers(record) == []
         time.sleep(0.2)
         assert alive(stranger.pid)
@@ -160,3 +161,17 @@ def test_a_malformed_record_says_what_is_wrong(tmp_path: Path, text: str, messag
     record.write_text(text)
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         read_record(record)
+
+
+def test_a_group_may_have_members_while_it_exists_and_not_after() -> None:
+    leader = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        own = ProcessId.of(leader.pid)
+        assert own is not None
+        child = Child(own, "sleep")
+        assert child.may_have_members() and child.members() == [leader.pid]
+    finally:
+        leader.kill()
+        leader.wait()
+    assert not child.may_have_members()
+    assert child.members() == []

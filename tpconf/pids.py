@@ -223,12 +223,31 @@ class Child:
         pid to a new process while the group has members, so the members are the group's; if a
         process with that pid runs again, the group emptied before the pid came back.
         """
-        if self.id.boot and self.id.boot != _boot_id():
-            return []
-        now = ProcessId.of(self.id.pid)
-        if now is not None and now != self.id:
+        if not self._group_may_be_ours():
             return []
         return group_members(self.id.pid)
+
+    def _group_may_be_ours(self) -> bool:
+        if self.id.boot and self.id.boot != _boot_id():
+            return False
+        now = ProcessId.of(self.id.pid)
+        return now is None or now == self.id
+
+    def may_have_members(self) -> bool:
+        """:meth:`members` is maybe not empty: the group exists (zombies may be all it has).
+
+        Reads two files, where :meth:`members` reads every process's: what keeping the record
+        of children uses each time a child starts (10 deployments start dozens of children).
+        """
+        if not self._group_may_be_ours():
+            return False
+        try:
+            os.killpg(self.id.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 class _Record:
@@ -237,7 +256,7 @@ class _Record:
         self.children: list[Child] = []
 
     def add(self, child: Child) -> None:
-        self.children = [c for c in self.children if c.members()] + [child]
+        self.children = [c for c in self.children if c.may_have_members()] + [child]
         self.write()
 
     def write(self) -> None:
