@@ -13,10 +13,11 @@ The attribute docstrings are read here, from the models' source, and not by pyda
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import itertools
 import json
-import textwrap
+import sys
 from typing import Any
 
 from pydantic import BaseModel
@@ -93,18 +94,25 @@ def attribute_docstrings(cls: type[BaseModel]) -> dict[str, str]:
     for base in reversed(cls.__mro__):
         if not (isinstance(base, type) and issubclass(base, BaseModel)) or base is BaseModel:
             continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(base)))
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, after in itertools.pairwise(body):
+        node = _top_level_classes(base.__module__).get(base.__qualname__)
+        for field, after in itertools.pairwise(node.body if node is not None else []):
             if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
+                isinstance(field, ast.AnnAssign)
+                and isinstance(field.target, ast.Name)
                 and isinstance(after, ast.Expr)
                 and isinstance(after.value, ast.Constant)
                 and isinstance(after.value.value, str)
             ):
-                docs[node.target.id] = inspect.cleandoc(after.value.value)
+                docs[field.target.id] = inspect.cleandoc(after.value.value)
     return docs
+
+
+@functools.cache
+def _top_level_classes(module: str) -> dict[str, ast.ClassDef]:
+    """The classes defined at the top of ``module``, parsed once (``inspect.getsource`` of a
+    class parses its whole module again each time)."""
+    tree = ast.parse(inspect.getsource(sys.modules[module]))
+    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
 def _document_methods(prop: dict[str, Any], methods: MethodCatalog) -> None:
