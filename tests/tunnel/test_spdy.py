@@ -8,6 +8,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import ssl
 import stat
 import sys
 from collections.abc import AsyncIterator
@@ -255,7 +256,9 @@ def test_a_client_certificate_and_the_clusters_ca_go_into_the_tls_context() -> N
     )
     assert server.tls is not None
     subjects = [str(c["subject"]) for c in server.tls.get_ca_certs()]
-    assert any("'commonName', 'cluster-ca'" in subject for subject in subjects)
+    # The cluster's CA alone, as kubectl (client-go) trusts it; not the system's CAs besides.
+    assert len(subjects) == 1 and "'commonName', 'cluster-ca'" in subjects[0]
+    assert server.tls.verify_mode == ssl.CERT_REQUIRED and server.tls.check_hostname
 
 
 def test_a_certificate_without_its_key_is_unsupported() -> None:

@@ -168,14 +168,18 @@ class ApiServer:
 
 
 def _tls_context(cluster: dict[str, Any], user: dict[str, Any]) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
+    """The TLS settings kubectl would use: the cluster's CA alone when it names one (as
+    client-go does; the system's CAs are loaded only without one, which also spares reading
+    the system bundle, a third of a second of the start on a busy machine), a client
+    certificate when the user has one."""
+    authority = cluster.get("certificate-authority-data")
+    if authority and not cluster.get("insecure-skip-tls-verify"):
+        ctx = ssl.create_default_context(cadata=base64.b64decode(authority).decode())
+    else:
+        ctx = ssl.create_default_context()
     if cluster.get("insecure-skip-tls-verify"):
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    elif cluster.get("certificate-authority-data"):
-        ctx.load_verify_locations(
-            cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
-        )
     cert, key = user.get("client-certificate-data"), user.get("client-key-data")
     if cert and key:
         # load_cert_chain reads files only: a private file, removed as soon as it is read.
