@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -50,7 +51,9 @@ except (OSError, AttributeError):  # not Linux
 # ---- which process is which --------------------------------------------------------------------
 
 
+@functools.cache
 def _boot_id() -> str:
+    """This boot's id (it changes only with a reboot, which ends this process too)."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
