@@ -440,8 +440,11 @@ class ConsoleReporter(Reporter):
         _console().print(_text(text, style="bold"))
 
     def clusters(self, targets: Sequence[ClusterTarget]) -> None:
+        # With click, not rich: this line comes before the first API request, and rich's import
+        # would delay it.
+        color = False if os.environ.get("NO_COLOR") else None
         for target in targets:
-            _console().print(_text(f"using {target}", style="bold"))
+            click.secho(f"using {target}", bold=True, err=True, color=color)
 
     def starting(self, names: Sequence[str]) -> None:
         if self.live is not None:

@@ -49,6 +49,7 @@ from tpconf.cluster import (
     wait_for_pod,
 )
 from tpconf.cluster import labels as L
+from tpconf.reconcile.session import Session
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio, pytest.mark.timeout(180)]
 
@@ -435,6 +436,55 @@ async def test_a_role_without_port_forward_is_caught_by_preflight_naming_it(
             finally:
                 other.close()
         assert "`tpconf rbac`" in str(forbidden.value.hint)
+    finally:
+        dev.close()
+
+
+async def test_a_session_asks_a_namespaces_rules_once_and_again_after_a_denial(
+    kube: Cluster, namespace: Namespace, tmp_path: Path
+) -> None:
+    role, binding = _rbac_docs()
+    full_rules = role["rules"]
+    name = role["metadata"]["name"]
+    namespace.rbac.create_namespaced_role(namespace.name, role)
+    namespace.rbac.create_namespaced_role_binding(namespace.name, binding)
+    dev = _service_account_cluster(namespace, "developer", kube)
+    try:
+        sent = _record_paths(dev)
+        # The units of five deployments starting at once in one namespace: one request.
+        session = Session(project_dir=tmp_path, kubectl="kubectl")
+        async with anyio.create_task_group() as tg:
+            for op in (New, Swap, Existing, New, Swap):
+                tg.start_soon(session.preflight, dev, namespace.name, op)
+        assert sent == [RULES_REVIEW]
+
+        without = [r for r in full_rules if r["resources"] != ["pods/portforward"]]
+        namespace.rbac.patch_namespaced_role(name, namespace.name, {"rules": without})
+        with anyio.fail_after(30):
+            while True:
+                session = Session(project_dir=tmp_path, kubectl="kubectl")
+                sent.clear()
+                try:
+                    await session.preflight(dev, namespace.name, New)
+                except errors.Forbidden:
+                    break
+                await anyio.sleep(0.2)  # RBAC's cache follows the Role within moments
+        assert sent == [RULES_REVIEW, ACCESS_REVIEW, ACCESS_REVIEW]
+
+        # Once the Role grants port-forward again, the next check asks for the rules again.
+        namespace.rbac.patch_namespaced_role(name, namespace.name, {"rules": full_rules})
+        with anyio.fail_after(30):
+            while True:
+                sent.clear()
+                try:
+                    await session.preflight(dev, namespace.name, New)
+                    break
+                except errors.Forbidden:
+                    await anyio.sleep(0.2)
+        assert sent == [RULES_REVIEW]
+        sent.clear()
+        await session.preflight(dev, namespace.name, New)
+        assert sent == []  # checked once per namespace and operation
     finally:
         dev.close()
 

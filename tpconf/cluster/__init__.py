@@ -25,7 +25,7 @@ Modules:
   ranges (vpn-tcp).
 """
 
-from tpconf.cluster.access import preflight
+from tpconf.cluster.access import namespace_rules, preflight
 from tpconf.cluster.cleanup import Leftovers, down, leftovers
 from tpconf.cluster.client import Cluster, connect, from_token
 from tpconf.cluster.intercepts import RENEW_SECONDS, renew
@@ -70,6 +70,7 @@ __all__ = [
     "existing",
     "from_token",
     "leftovers",
+    "namespace_rules",
     "new",
     "preflight",
     "project_id",

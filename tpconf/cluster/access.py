@@ -110,8 +110,9 @@ async def _review(cluster: Cluster, kind: str, spec: dict[str, Any], what: str) 
     return status
 
 
-async def _rules(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
-    """What RBAC lets this user do in ``namespace`` (one SelfSubjectRulesReview)."""
+async def namespace_rules(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    """What RBAC lets this user do in ``namespace`` (one SelfSubjectRulesReview): the
+    ``resourceRules`` :func:`preflight` matches with :func:`granted`."""
     what = f'list your permissions in namespace "{namespace}"'
     status = await _review(cluster, "SelfSubjectRulesReview", {"namespace": namespace}, what)
     rules = status.get("resourceRules") or []
@@ -119,9 +120,14 @@ async def _rules(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
 
 
 async def preflight(
-    cluster: Cluster, namespace: str, operations: Iterable[type] = (New, Swap, Existing)
+    cluster: Cluster,
+    namespace: str,
+    operations: Iterable[type] = (New, Swap, Existing),
+    *,
+    rules: Sequence[dict[str, Any]] | None = None,
 ) -> None:
-    """Check that tpconf may do what ``operations`` need.
+    """Check that tpconf may do what ``operations`` need (``rules``: the namespace's, from
+    :func:`namespace_rules`, when the caller already has them).
 
     One SelfSubjectRulesReview lists what RBAC allows; whatever its rules do not cover (a
     denial, or a grant only another authorizer knows: the review is best effort) is asked with
@@ -132,10 +138,11 @@ async def preflight(
     ``create pods/portforward``) before anything is created, instead of failing half-way.
     """
     needed = required_access(operations)
-    try:
-        rules = await _rules(cluster, namespace)
-    except errors.Forbidden:
-        rules = []  # the access reviews below say what is missing
+    if rules is None:
+        try:
+            rules = await namespace_rules(cluster, namespace)
+        except errors.Forbidden:
+            rules = []  # the access reviews below say what is missing
     unsure = [triple for triple in needed if not granted(rules, *triple)]
     denied: list[str] = []
 

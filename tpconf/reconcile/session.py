@@ -3,7 +3,8 @@
 A session has an id (labels every object it creates), an owner (``user@host``) and a project id
 (a hash of the project directory): together they tell ``tpconf down`` what it may clean up. The
 API client of each (context, namespace) is made once and shared, and RBAC is checked once per
-namespace and operation. :meth:`Session.targets` says which contexts (with their API servers) and
+namespace and operation, against the namespace's rules asked once (:meth:`Session.warm`
+asks before the first unit needs them). :meth:`Session.targets` says which contexts (with their API servers) and
 namespaces a project would change, and refuses a context that `allowed-contexts` does not list,
 before anything is changed. What a running ``up`` lends its units besides this (output, methods,
 stopping) is :class:`~tpconf.reconcile.units.Services`.
@@ -17,13 +18,14 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from tpconf import cluster
 from tpconf.cluster import Cluster
 from tpconf.config import Project
-from tpconf.errors import TpconfError
+from tpconf.errors import Forbidden, TpconfError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class Session:
     _clusters: dict[tuple[str | None, str | None], Cluster] = field(default_factory=dict)
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
     _checked: set[tuple[int, str, type]] = field(default_factory=set)
+    _rules: dict[tuple[int, str], list[dict[str, Any]]] = field(default_factory=dict)
+    _rules_locks: dict[tuple[int, str], anyio.Lock] = field(default_factory=dict)
 
     @property
     def project(self) -> str:
@@ -97,9 +101,42 @@ class Session:
     async def preflight(self, client: Cluster, namespace: str, operation: type) -> None:
         """Check RBAC once per namespace and operation: a missing verb is named up front."""
         key = (id(client), namespace, operation)
-        if key not in self._checked:
-            await cluster.preflight(client, namespace, operations=(operation,))
-            self._checked.add(key)
+        if key in self._checked:
+            return
+        rules = await self._namespace_rules(client, namespace)
+        try:
+            await cluster.preflight(client, namespace, operations=(operation,), rules=rules)
+        except TpconfError:
+            # A retry asks again: the missing permission may have been granted meanwhile.
+            self._rules.pop((id(client), namespace), None)
+            raise
+        self._checked.add(key)
+
+    async def _namespace_rules(self, client: Cluster, namespace: str) -> list[dict[str, Any]]:
+        """The namespace's RBAC rules, asked once however many units start there at once."""
+        key = (id(client), namespace)
+        async with self._rules_locks.setdefault(key, anyio.Lock()):
+            if key not in self._rules:
+                try:
+                    self._rules[key] = await cluster.namespace_rules(client, namespace)
+                except Forbidden:
+                    return []  # preflight's access reviews say what is missing
+            return self._rules[key]
+
+    async def warm(self, project: Project) -> None:
+        """Ask for the RBAC rules of every namespace ``project`` changes now, while ``up``
+        sets itself up, rather than when the first unit starts. Failures are left to the units'
+        own checks, which report them."""
+        async with anyio.create_task_group() as tg:
+            for spec in project.deployments:
+                tg.start_soon(self._warm_one, spec.context, spec.namespace)
+
+    async def _warm_one(self, context: str | None, namespace: str | None) -> None:
+        try:
+            client = await self.cluster(context, namespace)
+            await self._namespace_rules(client, namespace or client.namespace)
+        except TpconfError as exc:
+            log.debug("RBAC rules of %s not read ahead: %s", namespace, exc)
 
     async def targets(self, project: Project) -> list[ClusterTarget]:
         """The contexts and namespaces ``project``'s deployments change, from the kubeconfig

@@ -392,6 +392,7 @@ async def run_up(
             root, session, up.output, request_stop=up.request_stop, on_change=up.changed
         )
         up.reconciler = reconciler
+        root.start_soon(session.warm, project)  # the first request, while the rest sets up
         root.start_soon(_signals, up.stop_requested, root.cancel_scope)
         await root.start(_record_children, session)
         await root.start(control.serve, session.state_dir, up.control)
