@@ -3,10 +3,10 @@
 A session has an id (labels every object it creates), an owner (``user@host``) and a project id
 (a hash of the project directory): together they tell ``tpconf down`` what it may clean up. The
 API client of each (context, namespace) is made once and shared, and RBAC is checked once per
-namespace and operation, against the namespace's rules asked once (:meth:`Session.warm`
-asks before the first unit needs them). :meth:`Session.targets` says which contexts (with their API servers) and
-namespaces a project would change, and refuses a context that `allowed-contexts` does not list,
-before anything is changed. What a running ``up`` lends its units besides this (output, methods,
+namespace and operation, against the namespace's rules, asked once (:meth:`Session.warm` asks
+before the first unit needs them). :meth:`Session.targets` says which contexts (with their API
+servers) and namespaces a project would change, and refuses a context that `allowed-contexts`
+does not list, before anything is changed. What a running ``up`` lends its units besides this (output, methods,
 stopping) is :class:`~tpconf.reconcile.units.Services`.
 """
 
