@@ -419,10 +419,16 @@ async def tunnel_unit(
 ) -> None:
     """Port-forward + SSH to the agent, reconnecting by itself; reads the pod info once up."""
     link = LinkStatus(pod=proxy.pod, workload=proxy.proxy.workload)
+    # The first attempt goes to the pod the proxy unit saw Ready (one API request less after
+    # Ready). If this unit restarted after that pod was replaced, the port-forward to it fails
+    # as Transient and the next attempt asks for the Ready one, as every later attempt does.
+    ready_now: list[cluster.PodRef] = [proxy.pod]
 
     async def current_pod() -> PortForwardTarget:
-        # A re-created pod has a new name: find the Ready one on every attempt.
-        link.pod = await cluster.wait_for_pod(proxy.client, proxy.proxy, timeout=300)
+        if ready_now:
+            link.pod = ready_now.pop()
+        else:
+            link.pod = await cluster.wait_for_pod(proxy.client, proxy.proxy, timeout=300)
         return _target(ctx, proxy.client, link.pod)
 
     def on_state(event: TunnelEvent) -> None:
