@@ -112,9 +112,13 @@ async def _review(cluster: Cluster, kind: str, spec: dict[str, Any], what: str) 
 
 async def namespace_rules(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
     """What RBAC lets this user do in ``namespace`` (one SelfSubjectRulesReview): the
-    ``resourceRules`` :func:`preflight` matches with :func:`granted`."""
+    ``resourceRules`` :func:`preflight` matches with :func:`granted`; none when the user may
+    not ask: :func:`preflight`'s access reviews then say what is missing."""
     what = f'list your permissions in namespace "{namespace}"'
-    status = await _review(cluster, "SelfSubjectRulesReview", {"namespace": namespace}, what)
+    try:
+        status = await _review(cluster, "SelfSubjectRulesReview", {"namespace": namespace}, what)
+    except errors.Forbidden:
+        return []
     rules = status.get("resourceRules") or []
     return [rule for rule in rules if isinstance(rule, dict)]
 
@@ -139,10 +143,7 @@ async def preflight(
     """
     needed = required_access(operations)
     if rules is None:
-        try:
-            rules = await namespace_rules(cluster, namespace)
-        except errors.Forbidden:
-            rules = []  # the access reviews below say what is missing
+        rules = await namespace_rules(cluster, namespace)
     unsure = [triple for triple in needed if not granted(rules, *triple)]
     denied: list[str] = []
 

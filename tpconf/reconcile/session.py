@@ -25,7 +25,7 @@ import anyio
 from tpconf import cluster
 from tpconf.cluster import Cluster
 from tpconf.config import Project
-from tpconf.errors import Forbidden, TpconfError
+from tpconf.errors import TpconfError
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,7 @@ class Session:
         key = (id(client), namespace)
         async with self._rules_locks.setdefault(key, anyio.Lock()):
             if key not in self._rules:
-                try:
-                    self._rules[key] = await cluster.namespace_rules(client, namespace)
-                except Forbidden:
-                    return []  # preflight's access reviews say what is missing
+                self._rules[key] = await cluster.namespace_rules(client, namespace)
             return self._rules[key]
 
     async def warm(self, project: Project) -> None:

@@ -173,13 +173,14 @@ def _tls_context(cluster: dict[str, Any], user: dict[str, Any]) -> ssl.SSLContex
     the system bundle, a third of a second of the start on a busy machine), a client
     certificate when the user has one."""
     authority = cluster.get("certificate-authority-data")
-    if authority and not cluster.get("insecure-skip-tls-verify"):
+    if cluster.get("insecure-skip-tls-verify"):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif authority:
         ctx = ssl.create_default_context(cadata=base64.b64decode(authority).decode())
     else:
         ctx = ssl.create_default_context()
-    if cluster.get("insecure-skip-tls-verify"):
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
     cert, key = user.get("client-certificate-data"), user.get("client-key-data")
     if cert and key:
         # load_cert_chain reads files only: a private file, removed as soon as it is read.
