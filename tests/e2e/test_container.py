@@ -331,7 +331,8 @@ def test_a_killed_up_leaves_no_container_running(
     up = Up(cluster, tmp_path).start()
     try:
         up.wait_for(r"^app ready")
-        assert len(containers(docker, "tpconf.io/deployment=app")) == 2
+        # Ready once `docker run` is started; the engine creates the app container meanwhile.
+        wait_until(partial(both_running, docker), 30, "both containers running")
     finally:
         up.kill()
     wait_until(
