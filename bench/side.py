@@ -95,7 +95,7 @@ async def byte_path(cfg: SideConfig) -> AsyncIterator[Endpoint]:
             yield forward.endpoint
         return
     if cfg.transport == "inproc":
-        api = await api_server(cfg.kubectl, cfg.kubeconfig, None)
+        api = await api_server(cfg.kubeconfig, None)
         if api is None:
             raise RuntimeError("the kubeconfig needs kubectl for port-forward")
         async with api.port_forward(cfg.namespace, cfg.pod) as link:

@@ -162,7 +162,7 @@ async def test_in_process_port_forward_carries_dial_over_the_relay_and_recovers_
     """No kubectl child: SSH and the relay ride this process's own port-forward connection;
     cutting that connection (as a dropped API server connection would) reconnects both."""
     events: list[TunnelEvent] = []
-    api = await api_server(agent.target.kubectl, agent.target.kubeconfig, None)
+    api = await api_server(agent.target.kubeconfig, None)
     assert api is not None  # the local cluster's kubeconfig: a client certificate
     async with anyio.create_task_group() as tg:
         tunnel = await tg.start(

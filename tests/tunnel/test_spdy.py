@@ -19,8 +19,9 @@ import anyio
 import pytest
 
 from tpconf.errors import Forbidden
+from tpconf.kubeconfig import Unsupported
 from tpconf.tunnel import spdy
-from tpconf.tunnel.kubeapi import ApiServer, Unsupported, from_config_view
+from tpconf.tunnel.kubeapi import ApiServer, from_config_view
 from tpconf.tunnel.spdy import PortForwardError, SpdyConnection
 
 from .peers import tcp_server

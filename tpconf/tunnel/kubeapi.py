@@ -1,10 +1,9 @@
 """The API server as ``kubectl port-forward`` reaches it, for the in-process port-forward.
 
-:func:`api_server` asks kubectl once per kubeconfig and context for the settings it would use
-(``kubectl config view --minify --flatten --raw -o json``: kubectl's own merge of a
-``$KUBECONFIG`` list, its choice of context, files inlined), and turns them into an
-:class:`ApiServer`: where to connect, the TLS context (the cluster's CA, a client certificate),
-and the ``Authorization`` header (a token, a token file read per connection, or an ``exec``
+:func:`api_server` reads the kubeconfig once per kubeconfig and context as kubectl would
+(:func:`tpconf.kubeconfig.minified_view`: kubectl's merge of a ``$KUBECONFIG`` list, its choice
+of context, files inlined), and turns it into an :class:`ApiServer`: where to connect, the TLS
+context (the cluster's CA, a client certificate), and the ``Authorization`` header (a token, a token file read per connection, or an ``exec``
 credential plugin run as kubectl runs it, its answer kept until it expires).
 
 Settings this module does not handle return ``None`` with the reason logged, and the caller
@@ -16,14 +15,12 @@ must talk to the terminal.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 import json
 import logging
 import os
 import ssl
 import subprocess
-import tempfile
 import urllib.parse
 import weakref
 from collections.abc import AsyncIterator
@@ -34,16 +31,21 @@ from typing import Any
 import anyio
 
 from tpconf.errors import TunnelDown
+from tpconf.kubeconfig import (
+    KubeconfigError,
+    Unsupported,
+    files_of,
+    minified_view,
+    parts,
+    server_url,
+    tls_context,
+)
 from tpconf.tunnel.spdy import PortForwardError, SpdyConnection, upgrade_request
 
 log = logging.getLogger(__name__)
 
 #: Seconds before an exec credential's expiry at which it is fetched again.
 EXEC_MARGIN = 60.0
-
-
-class Unsupported(Exception):
-    """These settings need kubectl itself (the message says which)."""
 
 
 @dataclass
@@ -167,68 +169,21 @@ class ApiServer:
             transport.close()
 
 
-def _tls_context(cluster: dict[str, Any], user: dict[str, Any]) -> ssl.SSLContext:
-    """The TLS settings kubectl would use: the cluster's CA alone when it names one (as
-    client-go does; the system's CAs are loaded only without one, which also spares reading
-    the system bundle, a third of a second of the start on a busy machine), a client
-    certificate when the user has one."""
-    authority = cluster.get("certificate-authority-data")
-    if cluster.get("insecure-skip-tls-verify"):
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    elif authority:
-        ctx = ssl.create_default_context(cadata=base64.b64decode(authority).decode())
-    else:
-        ctx = ssl.create_default_context()
-    cert, key = user.get("client-certificate-data"), user.get("client-key-data")
-    if cert and key:
-        # load_cert_chain reads files only: a private file, removed as soon as it is read.
-        with tempfile.TemporaryDirectory(prefix="tpconf-") as tmp:
-            path = os.path.join(tmp, "client.pem")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(base64.b64decode(cert) + b"\n" + base64.b64decode(key))
-            ctx.load_cert_chain(path)
-    elif cert or key:
-        raise Unsupported("a client certificate without its key")
-    return ctx
-
-
-def _proxied(host: str) -> bool:
-    if not (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")):
-        return False
-    no_proxy = os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or ""
-    for entry in (e.strip() for e in no_proxy.split(",")):
-        if (
-            entry == "*"
-            or entry
-            and (host == entry.lstrip(".") or host.endswith("." + entry.lstrip(".")))
-        ):
-            return False
-    return True
-
-
 def from_config_view(view: dict[str, Any]) -> ApiServer:
-    """An :class:`ApiServer` from ``kubectl config view --minify --flatten --raw -o json``.
+    """An :class:`ApiServer` from a minified, flattened kubeconfig view (what
+    :func:`~tpconf.kubeconfig.minified_view` returns, and ``kubectl config view --minify
+    --flatten --raw -o json`` prints).
 
     Raises :class:`Unsupported` for settings that need kubectl itself.
     """
-    clusters, users = view.get("clusters") or [], view.get("users") or []
-    if not clusters:
+    _, cluster, user = parts(view)
+    if not cluster:
         raise Unsupported("no cluster in the kubeconfig's current context")
-    cluster = clusters[0].get("cluster") or {}
-    user = (users[0].get("user") or {}) if users else {}
-    if cluster.get("proxy-url"):
-        raise Unsupported("a proxy-url")
     for key in ("auth-provider", "username", "password", "as", "as-groups", "as-uid"):
         if user.get(key):
             raise Unsupported(f"users[].user.{key}")
-    url = urllib.parse.urlsplit(str(cluster.get("server") or ""))
-    if url.scheme not in ("https", "http") or not url.hostname:
-        raise Unsupported(f"a server URL of {cluster.get('server')!r}")
-    if _proxied(url.hostname):
-        raise Unsupported("$HTTPS_PROXY")
+    url = server_url(cluster)
+    assert url.hostname is not None  # server_url checked it
     plugin = None
     if user.get("exec"):
         spec = user["exec"]
@@ -240,7 +195,7 @@ def from_config_view(view: dict[str, Any]) -> ApiServer:
             env={str(e["name"]): str(e["value"]) for e in spec.get("env") or []},
             api_version=str(spec.get("apiVersion") or "client.authentication.k8s.io/v1"),
         )
-    tls = _tls_context(cluster, user) if url.scheme == "https" else None
+    tls = tls_context(cluster, user) if url.scheme == "https" else None
     return ApiServer(
         host=url.hostname,
         port=url.port or (443 if url.scheme == "https" else 80),
@@ -253,34 +208,29 @@ def from_config_view(view: dict[str, Any]) -> ApiServer:
     )
 
 
-_CACHE: dict[tuple[str, str | None, str | None], ApiServer | None] = {}
+_CACHE: dict[tuple[str | None, str | None], ApiServer | None] = {}
 #: One lock per event loop (an asyncio lock belongs to the loop it first waited in).
 _LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
 )
 
 
-async def api_server(kubectl: str, kubeconfig: str | None, context: str | None) -> ApiServer | None:
+async def api_server(kubeconfig: str | None, context: str | None) -> ApiServer | None:
     """The API server kubectl would port-forward through, or ``None`` when only kubectl itself
-    can (the reason is logged). Asked once per process for each kubeconfig and context."""
-    key = (kubectl, kubeconfig, context)
+    can (the reason is logged). Read once per process for each kubeconfig and context."""
+    key = (kubeconfig, context)
     if key in _CACHE:
         return _CACHE[key]
     lock = _LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
     async with lock:
         if key in _CACHE:
             return _CACHE[key]
-        cmd = [kubectl, "config", "view", "--minify", "--flatten", "--raw", "-o", "json"]
-        if context:
-            cmd += ["--context", context]
-        env = {**os.environ, "KUBECONFIG": kubeconfig} if kubeconfig else None
         server: ApiServer | None = None
         try:
-            result = await anyio.run_process(cmd, env=env, stdin=subprocess.DEVNULL, check=False)
-            if result.returncode:
-                raise Unsupported(result.stderr.decode(errors="replace").strip()[-300:])
-            server = from_config_view(json.loads(result.stdout))
-        except (Unsupported, OSError, ValueError, ssl.SSLError) as exc:
+            # A worker thread: the CA and client certificate are read and parsed here.
+            view = await anyio.to_thread.run_sync(minified_view, files_of(kubeconfig), context)
+            server = from_config_view(view)
+        except (Unsupported, KubeconfigError, OSError, ValueError, ssl.SSLError) as exc:
             log.info("port-forward goes through kubectl: %s", exc)
         _CACHE[key] = server
         return server

@@ -67,11 +67,11 @@ class PortForwardTarget:
     always uses the child."""
 
     async def prepare(self) -> None:
-        """Read kubectl's settings for the in-process port-forward now (once per process), so
-        that the first connection does not wait for a kubectl start (~0.15 s) after its pod is
-        Ready: the proxy unit calls this while the pod starts."""
+        """Read the kubeconfig for the in-process port-forward now (once per process), so that
+        the first connection does not wait for it after its pod is Ready: the proxy unit calls
+        this while the pod starts."""
         if self.in_process:
-            await api_server(self.kubectl, self.kubeconfig, self.context)
+            await api_server(self.kubeconfig, self.context)
 
     def env(self) -> dict[str, str] | None:
         """kubectl's environment: ours, with ``KUBECONFIG`` when one is set."""
@@ -225,7 +225,7 @@ def port_forward_transport(
         kind, _, name = current.resource.partition("/")
         api = None
         if current.in_process and kind == "pod":
-            api = await api_server(current.kubectl, current.kubeconfig, current.context)
+            api = await api_server(current.kubeconfig, current.context)
         if api is not None:
             async with api.port_forward(current.namespace, name, timeout=ready_timeout) as link:
                 yield link
