@@ -92,6 +92,16 @@ class E2ECluster:
         return None
 
 
+def admin_ca_data() -> str | None:
+    """The CA of the test cluster's kubeconfig (base64 PEM), for clients built from a token."""
+    from tpconf.kubeconfig import files_of, minified_view, parts
+
+    kubeconfig = os.environ.get("KUBECONFIG") or str(LOCAL_KUBECONFIG)
+    _, cluster, _ = parts(minified_view(files_of(kubeconfig)))
+    ca = cluster.get("certificate-authority-data")
+    return str(ca) if ca else None
+
+
 def _kubectl_path() -> str | None:
     local = LOCAL_STATE / "bin" / "kubectl"
     if local.exists():

@@ -29,7 +29,7 @@ from tests.cluster.conftest import (
     proxy_request,
     workload,
 )
-from tests.conftest import E2ECluster
+from tests.conftest import E2ECluster, admin_ca_data
 from tests.e2e.harness import container, deployment, secret_volume
 from tpconf import errors
 from tpconf.cluster import (
@@ -360,8 +360,7 @@ def _service_account_cluster(ns: Namespace, sa: str, admin: Cluster) -> Cluster:
     token = ns.core.create_namespaced_service_account_token(
         sa, ns.name, {"spec": {"expirationSeconds": 3600}}
     ).status.token
-    conf = admin.api.configuration
-    return from_token(conf.host, token, ca_file=conf.ssl_ca_cert, namespace=ns.name)
+    return from_token(admin.server, token, ca_data=admin_ca_data(), namespace=ns.name)
 
 
 RULES_REVIEW = "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews"

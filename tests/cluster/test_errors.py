@@ -1,4 +1,4 @@
-"""ApiException and transport errors -> tpconf.errors, with real client exception objects."""
+"""ApiStatus and transport errors -> tpconf.errors, with real response and exception objects."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import socket
 import anyio
 import pytest
 import urllib3
-from kubernetes.client.exceptions import ApiException
 
 from tpconf import errors
 from tpconf.cluster import client as cclient
 from tpconf.cluster import errors as cerrors
 from tpconf.cluster.client import Cluster, path
+from tpconf.cluster.transport import ApiStatus
 
 
-def api_exception(status: int, reason: str, message: str, status_reason: str) -> ApiException:
-    """An ApiException as the client raises it: from a real urllib3 response with a Status."""
+def api_exception(status: int, reason: str, message: str, status_reason: str) -> ApiStatus:
+    """An ApiStatus as the transport raises it: from a real urllib3 response with a Status."""
     body = json.dumps(
         {
             "kind": "Status",
@@ -30,7 +30,7 @@ def api_exception(status: int, reason: str, message: str, status_reason: str) ->
         }
     ).encode()
     resp = urllib3.HTTPResponse(body=body, status=status, reason=reason, preload_content=True)
-    return ApiException(http_resp=resp)
+    return ApiStatus.of(resp)
 
 
 def test_forbidden_names_the_verb_and_resource_and_points_to_the_role() -> None:
@@ -111,8 +111,9 @@ async def test_an_unreachable_api_server_is_cluster_unreachable_with_a_hint() ->
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cluster = cclient.from_token(f"https://127.0.0.1:{port}", "t", ca_file=None, namespace="dev")
-    cluster.api.configuration.retries = 0
+    cluster = cclient.from_token(
+        f"https://127.0.0.1:{port}", "t", ca_data=None, namespace="dev", retries=0
+    )
     try:
         with pytest.raises(errors.ClusterUnreachable) as info:
             with anyio.fail_after(10):

@@ -19,11 +19,13 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster.conftest import WORKLOAD_IMAGE, Namespace
+from tests.conftest import admin_ca_data
 from tests.e2e import harness
 from tpconf import errors
 from tpconf.cluster import Cluster, ClusterNetworks, discover_networks, from_token
 from tpconf.cluster import errors as cerrors
 from tpconf.cluster import networks as N
+from tpconf.cluster.transport import ApiStatus
 
 POD_NET = IPv4Network("10.88.0.0/16")
 SERVICE_NET = IPv4Network("10.0.0.0/24")
@@ -40,7 +42,7 @@ def nets(*cidrs: str) -> tuple[IPv4Network, ...]:
     return tuple(IPv4Network(c) for c in cidrs)
 
 
-def api_exception(status: int, message: str, reason: str) -> ApiException:
+def api_exception(status: int, message: str, reason: str) -> ApiStatus:
     body = json.dumps(
         {
             "kind": "Status",
@@ -53,7 +55,7 @@ def api_exception(status: int, message: str, reason: str) -> ApiException:
         }
     ).encode()
     resp = urllib3.HTTPResponse(body=body, status=status, reason=reason, preload_content=True)
-    return ApiException(http_resp=resp)
+    return ApiStatus.of(resp)
 
 
 # ---- unit -------------------------------------------------------------------------------------
@@ -144,8 +146,7 @@ def _service_account(ns: Namespace, sa: str, admin: Cluster) -> Cluster:
     token = ns.core.create_namespaced_service_account_token(
         sa, ns.name, {"spec": {"expirationSeconds": 3600}}
     ).status.token
-    conf = admin.api.configuration
-    return from_token(conf.host, token, ca_file=conf.ssl_ca_cert, namespace=ns.name)
+    return from_token(admin.server, token, ca_data=admin_ca_data(), namespace=ns.name)
 
 
 def _grant(ns: Namespace, where: str, name: str, sa: str, rules: list[dict[str, Any]]) -> None:
@@ -294,8 +295,7 @@ async def test_an_unreachable_api_server_fails_discovery_as_transient() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    c = from_token(f"https://127.0.0.1:{port}", "t", ca_file=None, namespace="dev")
-    c.api.configuration.retries = 0
+    c = from_token(f"https://127.0.0.1:{port}", "t", ca_data=None, namespace="dev", retries=0)
     try:
         with pytest.raises(errors.ClusterUnreachable), anyio.fail_after(10):
             await discover_networks(c, "dev")

@@ -12,7 +12,8 @@ Public API for the reconciler::
 
 Modules:
 
-- ``client``: the connection, worker threads, timeouts; ``errors``: ApiException -> tpconf.errors;
+- ``client``: the connection, worker threads, timeouts; ``transport``: how requests travel;
+  ``errors``: ApiStatus -> tpconf.errors;
 - ``model``: the requests and results above; ``labels``: labels and annotations; ``manifests``:
   pure builders of the objects;
 - ``objects``: reading, writing and deleting objects, and the one check of whose they are;

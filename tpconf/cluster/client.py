@@ -1,16 +1,17 @@
-"""The connection to one cluster: an ``ApiClient`` plus the namespace of the context.
+"""The connection to one cluster: a transport plus the namespace of the context.
 
-Requests are plain JSON in and out (``kubectl get -o json`` shapes, camelCase), sent through the
-client's authenticated REST layer, not its generated model classes: those reject fields they do
-not know, and a swap must copy a pod template exactly, whatever the server version.
+Requests are plain JSON in and out (``kubectl get -o json`` shapes, camelCase), not the
+``kubernetes`` library's generated model classes: those reject fields they do not know, and a
+swap must copy a pod template exactly, whatever the server version. The transport
+(:mod:`tpconf.cluster.transport`) is urllib3 with the kubeconfig's credentials, or the
+``kubernetes`` library's REST layer for the credentials only it handles.
 
-The ``kubernetes`` client blocks, so every request runs in a worker thread (abandoned on
-cancellation) with a ``_request_timeout``; watches also pass ``timeoutSeconds``. Errors are
-translated by :mod:`tpconf.cluster.errors` at this boundary.
+Requests block, so every one runs in a worker thread (abandoned on cancellation) with a
+timeout; watches also pass ``timeoutSeconds``. Errors are translated by
+:mod:`tpconf.cluster.errors` at this boundary.
 
-The kubeconfig is read as kubectl reads it (:func:`kubeconfig_files`): every file of
-``$KUBECONFIG``, merged, the first file that names a context, cluster or user winning, and the
-first ``current-context`` too (the client library alone would take the last one); missing and
+The kubeconfig is read as kubectl reads it (:mod:`tpconf.kubeconfig`): every file of ``$KUBECONFIG``, merged, the first file
+that names a context, cluster or user winning, and the first ``current-context`` too; missing and
 empty files are left out. kubectl children get the same list (``KUBECONFIG``).
 """
 
@@ -18,27 +19,22 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import anyio
-import yaml
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
-from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
+from tpconf import kubeconfig as kconf
 from tpconf.cluster import errors as cerrors
+from tpconf.cluster.transport import Direct, Library, Query, Transport
 
 #: Seconds to connect and to read one response; watches add their own ``timeoutSeconds``.
 REQUEST_TIMEOUT = (5.0, 30.0)
-DEFAULT_KUBECONFIG = "~/.kube/config"
+DEFAULT_KUBECONFIG = kconf.DEFAULT_FILE
 MERGE_PATCH = "application/merge-patch+json"
 
 JSON = dict[str, Any]
-Query = Mapping[str, str | int | bool]
 
 
 _GROUPS = {
@@ -65,9 +61,10 @@ def path(kind: str, namespace: str, name: str | None = None, sub: str | None = N
 
 @dataclass
 class Cluster:
-    """An API client bound to a default namespace. Build it with :func:`connect`."""
+    """A transport to the API server bound to a default namespace. Build it with
+    :func:`connect`."""
 
-    api: k8s.ApiClient
+    transport: Transport
     namespace: str = "default"
     request_timeout: tuple[float, float] = REQUEST_TIMEOUT
     context: str = ""
@@ -76,7 +73,7 @@ class Cluster:
     @property
     def server(self) -> str:
         """The API server URL (for messages)."""
-        return str(self.api.configuration.host)
+        return self.transport.server
 
     def _send(
         self,
@@ -88,28 +85,15 @@ class Cluster:
         content_type: str,
         timeout: float | tuple[float, float],
     ) -> Any:
-        """One blocking request; returns the urllib3 response (unread), raises ApiException."""
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        params = [
-            (k, str(v).lower() if isinstance(v, bool) else str(v)) for k, v in (query or {}).items()
-        ]
-        method, url, headers, body, _ = self.api.param_serialize(
-            method=method,
-            resource_path=resource_path,
-            query_params=params or None,
-            header_params=headers,
+        """One blocking request; returns the response (unread), raises ApiStatus."""
+        return self.transport.send(
+            method,
+            resource_path,
+            query=query,
             body=body,
-            auth_settings=["BearerToken"],
+            content_type=content_type,
+            timeout=timeout,
         )
-        resp = self.api.rest_client.request(  # type: ignore[no-untyped-call]
-            method, url, headers=headers, body=body, _request_timeout=timeout
-        )
-        if not 200 <= resp.status <= 299:
-            resp.read()
-            raise ApiException(http_resp=resp)
-        return resp.response
 
     async def request(
         self,
@@ -208,34 +192,7 @@ class Cluster:
 
     def close(self) -> None:
         """Close the connection pool."""
-        self.api.close()  # type: ignore[no-untyped-call]
-
-
-def kubeconfig_files(kubeconfig: str | None = None) -> list[str]:
-    """The kubeconfig files kubectl would read, in order: ``kubeconfig`` (one path, or several
-    joined by ``:``), else ``$KUBECONFIG``, else ``~/.kube/config``; only those that exist and
-    are not empty (kubectl skips the others too)."""
-    listing = kubeconfig or os.environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
-    found: list[str] = []
-    for entry in listing.split(os.pathsep):
-        path = os.path.expanduser(entry)
-        if path and path not in found and os.path.isfile(path) and os.path.getsize(path):
-            found.append(path)
-    return found
-
-
-def current_context(files: Sequence[str]) -> str | None:
-    """The first ``current-context`` of ``files``, as kubectl picks it (``None``: none set)."""
-    for path in files:
-        try:
-            with open(path, encoding="utf-8") as stream:
-                data = yaml.safe_load(stream)
-        except (OSError, yaml.YAMLError, UnicodeDecodeError):
-            continue  # the client library reports what is wrong with it
-        current = data.get("current-context") if isinstance(data, dict) else None
-        if current:
-            return str(current)
-    return None
+        self.transport.close()
 
 
 def connect(
@@ -250,41 +207,52 @@ def connect(
     ``default``. Reads local files only: the first request is what finds out whether the API
     server is reachable.
     """
-    files = kubeconfig_files(kubeconfig)
+    files = kconf.files_of(kubeconfig)
     listing = kubeconfig or os.environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
     source = os.pathsep.join(files) or listing
     if context:
         source += f" (context {context})"
     try:
         if not files:
-            raise ConfigException(f"no kubeconfig file found ({listing})")
-        joined = os.pathsep.join(files)
-        contexts, _ = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
-            config_file=joined
-        )
-        name = context or current_context(files)
-        if name is None:
-            raise ConfigException("no current-context is set and no context was named")
-        matching = [c for c in contexts if c.get("name") == name]
-        if not matching:
-            names = ", ".join(sorted(str(c.get("name")) for c in contexts)) or "none"
-            raise ConfigException(f"no context {name!r} (contexts: {names})")
-        api = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=joined, context=name, persist_config=False
-        )
+            raise kconf.KubeconfigError(f"no kubeconfig file found ({listing})")
+        view = kconf.minified_view(files, context)
+        name = str(view["current-context"])
+        transport: Transport
+        try:
+            transport = Direct.from_view(view)
+        except kconf.Unsupported:
+            transport = _library(os.pathsep.join(files), name, source)
+    except kconf.KubeconfigError as exc:
+        raise cerrors.translate_config(exc, source=source) from exc
+    except (OSError, ValueError) as exc:  # a certificate that does not load, bad base64
+        raise cerrors.translate_config(exc, source=source) from exc
+    ctx_ns, _, _ = kconf.parts(view)
+    return Cluster(
+        transport=transport,
+        namespace=namespace or ctx_ns.get("namespace") or "default",
+        context=name,
+    )
+
+
+def _library(files: str, context: str, source: str) -> Library:
+    """The ``kubernetes`` library's client, for a kubeconfig only it handles."""
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        return Library.from_files(files, context)
     except ConfigException as exc:
         raise cerrors.translate_config(exc, source=source) from exc
-    except OSError as exc:
-        raise cerrors.translate_config(ConfigException(str(exc)), source=source) from exc
-    ctx_ns = (matching[0].get("context") or {}).get("namespace")
-    return Cluster(api=api, namespace=namespace or ctx_ns or "default", context=name)
 
 
-def from_token(server: str, token: str, *, ca_file: str | None, namespace: str) -> Cluster:
-    """A :class:`Cluster` authenticating with a bearer token (e.g. a ServiceAccount's)."""
-    conf = k8s.Configuration(host=server)
-    conf.api_key = {"BearerToken": token}
-    conf.api_key_prefix = {"BearerToken": "Bearer"}
-    if ca_file:
-        conf.ssl_ca_cert = ca_file
-    return Cluster(api=k8s.ApiClient(conf), namespace=namespace)
+def from_token(
+    server: str, token: str, *, ca_data: str | None, namespace: str, retries: int | None = None
+) -> Cluster:
+    """A :class:`Cluster` authenticating with a bearer token (e.g. a ServiceAccount's);
+    ``ca_data`` is the cluster's CA, base64 PEM as in a kubeconfig; ``retries`` of a failed
+    connection (``None``: urllib3's default)."""
+    tls = None
+    if server.startswith("https:"):
+        tls = kconf.tls_context({"certificate-authority-data": ca_data}, {})
+    return Cluster(
+        transport=Direct(server, tls=tls, token=token, retries=retries), namespace=namespace
+    )

@@ -1,6 +1,6 @@
-"""Translate the Kubernetes client's exceptions into :mod:`tpconf.errors`, at the boundary.
+"""Translate the API client's exceptions into :mod:`tpconf.errors`, at the boundary.
 
-``ApiException`` is mapped by HTTP status (403 Forbidden naming the verb and resource, 404
+``ApiStatus`` (:mod:`tpconf.cluster.transport`) is mapped by HTTP status (403 Forbidden naming the verb and resource, 404
 NotFound naming the object, 5xx/429 ClusterUnreachable, the rest ClusterError), urllib3's
 connection errors become ClusterUnreachable. Remote payloads are trimmed
 (:func:`tpconf.errors.trim_payload`) and, for Secrets, dropped: no key material in messages.
@@ -15,10 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import urllib3.exceptions
-from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
 from tpconf import errors
+from tpconf.cluster.transport import ApiStatus
 
 RBAC_HINT = (
     "ask a cluster admin to grant the Role that `tpconf rbac` prints "
@@ -77,11 +76,9 @@ def parse_forbidden(message: str) -> Denied | None:
     )
 
 
-def status_message(exc: ApiException) -> str:
+def status_message(exc: ApiStatus) -> str:
     """The ``message`` of the ``Status`` body of an API error, else the body or reason."""
-    body = exc.body
-    if isinstance(body, bytes):
-        body = body.decode("utf-8", "replace")
+    body = exc.body.decode("utf-8", "replace")
     if body:
         try:
             data = json.loads(body)
@@ -94,7 +91,7 @@ def status_message(exc: ApiException) -> str:
     return str(exc.reason or "")
 
 
-def _status_reason(exc: ApiException) -> str | None:
+def _status_reason(exc: ApiStatus) -> str | None:
     try:
         data = json.loads(exc.body or "")
     except (ValueError, TypeError):
@@ -103,7 +100,7 @@ def _status_reason(exc: ApiException) -> str | None:
     return reason if isinstance(reason, str) else None
 
 
-def translate_api(exc: ApiException, *, what: str, sensitive: bool = False) -> errors.ClusterError:
+def translate_api(exc: ApiStatus, *, what: str, sensitive: bool = False) -> errors.ClusterError:
     """The :class:`~tpconf.errors.ClusterError` for ``exc``, raised while doing ``what``.
 
     ``what`` describes the request for the message, e.g. ``create Deployment "web" in
@@ -162,13 +159,13 @@ def mapped(what: str, *, sensitive: bool = False) -> Iterator[None]:
     """Translate client exceptions raised inside the block (see :func:`translate_api`)."""
     try:
         yield
-    except ApiException as exc:
+    except ApiStatus as exc:
         raise translate_api(exc, what=what, sensitive=sensitive) from exc
     except CONNECTION_ERRORS as exc:
         raise translate_connection(exc, what=what) from exc
 
 
-def translate_config(exc: ConfigException, *, source: str) -> errors.ClusterError:
+def translate_config(exc: Exception, *, source: str) -> errors.ClusterError:
     """The error for an unusable kubeconfig (missing file, unknown context)."""
     return errors.ClusterError(
         f"cannot load the kubeconfig {source}: {errors.trim_payload(str(exc))}",

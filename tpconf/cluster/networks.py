@@ -46,11 +46,10 @@ from ipaddress import (
 from typing import Any
 from urllib.parse import urlsplit
 
-from kubernetes.client.exceptions import ApiException
-
 from tpconf import errors
 from tpconf.cluster import errors as cerrors
 from tpconf.cluster.client import Cluster, path
+from tpconf.cluster.transport import ApiStatus
 
 JSON = dict[str, Any]
 
@@ -288,7 +287,7 @@ async def _from_dry_run(cluster: Cluster, namespace: str) -> tuple[IPv4Network, 
         if not _tolerated(exc):
             raise
         cause = exc.__cause__
-        if isinstance(cause, ApiException) and cause.status == 422:
+        if isinstance(cause, ApiStatus) and cause.status == 422:
             return parse_service_range(cerrors.status_message(cause))
         return ()
     return ()  # the probe address is in range: the answer says nothing
