@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Protocol
 from anyio.abc import TaskGroup, TaskStatus
 
 from tpconf.config import DeploymentSpec, MethodRules, Project
-from tpconf.net import Dialer
 
 if TYPE_CHECKING:
     from tpconf.cluster import ClusterNetworks
+    from tpconf.net import Dialer
     from tpconf.proxy import ClusterResolver
 
 Notice = Callable[[str], None]
