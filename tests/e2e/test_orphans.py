@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import E2ECluster
-from tests.e2e.harness import Up, file_text, tpconf, wait_until
+from tests.e2e.harness import Up, file_text, run_tpconf, tpconf, wait_until
 from tests.orphans import survivors, write_web
 from tests.supervisor.procs import alive
 
@@ -98,3 +99,33 @@ def test_a_clean_stop_leaves_no_child_and_no_record(
         assert up.stop() == 0, up.output[-3000:]  # SIGINT: tpconf stops everything itself
     assert survivors(list(kids)) == []
     assert not (tmp_path / ".tpconf" / "children.json").exists()
+
+
+def test_a_second_ctrl_c_forces_the_stop_and_down_finishes_it(
+    cluster: E2ECluster, namespace: str, tmp_path: Path
+) -> None:
+    # Pressed again because the stop waits for a command that ignores SIGTERM (the stop ladder
+    # gives it term_grace seconds): the second Ctrl-C lands while the first stop runs.
+    write_web(tmp_path, namespace, "new: true", "run: \"trap '' TERM; sleep 600\"")
+    up = Up(cluster, tmp_path).start()
+    assert up.process is not None
+    try:
+        up.wait_for(r"^web ready")
+        kids = children(up.process.pid)
+        up.process.send_signal(signal.SIGINT)
+        up.wait_for(r"^stopping", timeout=10)
+        time.sleep(0.5)  # the ladder is now waiting for the command to go
+        up.process.send_signal(signal.SIGINT)
+        code = up.process.wait(60)
+    finally:
+        up.kill()
+    out = up.output
+    assert code == 130, out[-3000:]
+    assert "forced to stop; run `tpconf down` to finish cleaning up" in out, out[-3000:]
+    assert "bug in tpconf" not in out, out[-3000:]
+    assert survivors(list(kids)) == []
+    tpconf(cluster, tmp_path, "down", timeout=180)
+    left = cluster.kubectl("get", "deployments,secrets", "-n", namespace, "-o", "name").stdout
+    assert "web" not in left, left
+    status = run_tpconf(cluster, tmp_path, "status")
+    assert "tpconf up is not running here" in status.stdout + status.stderr

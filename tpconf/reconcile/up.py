@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: ``up``'s exit code when it ends because deployments failed (as for any error).
 EXIT_FAILED = 1
+#: ``up``'s exit code after a second Ctrl-C forced it to stop (a shell's code for SIGINT).
+EXIT_FORCED = 130
 
 
 @dataclass(frozen=True)
@@ -387,6 +389,7 @@ async def run_up(
     await up.announce_targets(project)
     await anyio.to_thread.run_sync(up.logs.clear)
 
+    stopped_in_order = False
     async with anyio.create_task_group() as root:
         reconciler = Reconciler(
             root, session, up.output, request_stop=up.request_stop, on_change=up.changed
@@ -448,7 +451,13 @@ async def run_up(
         up.launches.close()
         up.logs.close()
         await anyio.to_thread.run_sync(state.remove, session.state_dir)
+        stopped_in_order = True
         root.cancel_scope.cancel()
+    if not stopped_in_order:
+        # A second signal cancelled everything: each unit undid its own part (shielded), but
+        # the state is kept for `down`, which finishes whatever that left.
+        reporter.message("forced to stop; run `tpconf down` to finish cleaning up")
+        return EXIT_FORCED
     return code or 0
 
 
