@@ -123,6 +123,9 @@ def test_a_second_ctrl_c_forces_the_stop_and_down_finishes_it(
     assert code == 130, out[-3000:]
     assert "forced to stop; run `tpconf down` to finish cleaning up" in out, out[-3000:]
     assert "bug in tpconf" not in out, out[-3000:]
+    # Forced: the command got SIGKILL at once, not after the rest of its SIGTERM grace.
+    assert "web: stopping by force: sending SIGKILL" in out, out[-3000:]
+    assert "after SIGTERM" not in out, out[-3000:]
     assert survivors(list(kids)) == []
     tpconf(cluster, tmp_path, "down", timeout=180)
     left = cluster.kubectl("get", "deployments,secrets", "-n", namespace, "-o", "name").stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -15,8 +16,9 @@ import pytest
 from tests.orphans import killed_parent, survivors
 from tests.supervisor.procs import alive
 from tpconf.errors import ProcessError
+from tpconf.supervisor import process as process_module
 from tpconf.supervisor.output import CaptureSink
-from tpconf.supervisor.process import MAX_LINE, ProcessExit, ProcessSpec, run_process
+from tpconf.supervisor.process import MAX_LINE, ProcessExit, ProcessSpec, hurry, run_process
 
 pytestmark = pytest.mark.anyio
 
@@ -219,6 +221,45 @@ async def test_a_child_ignoring_sigterm_is_killed_after_the_grace(
     ]
 
 
+async def test_hurry_cuts_the_sigterm_grace_short_for_a_process_that_ignores_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A second Ctrl-C of `up` calls hurry(): the ladder sends SIGKILL at once instead of
+    # waiting out term_grace (60 s here: the test would time out waiting for it).
+    caplog.set_level(logging.INFO, logger="tpconf.supervisor")
+    sink = CaptureSink()
+    seen: list[ProcessExit] = []
+    code = (
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ready', flush=True)\ntime.sleep(120)"
+    )
+    patient = ProcessSpec(**{**spec(argv=py(code)).__dict__, "term_grace": 60.0})
+    stopping = anyio.CancelScope()
+
+    async def supervised() -> None:
+        with stopping:
+            await run_process(patient, output=sink, on_exit=seen.append)
+
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(supervised)
+                await wait_for_line(sink, "web", "ready")
+                stopping.cancel()
+                await anyio.sleep(0.5)
+                assert not seen  # the ladder sent SIGTERM and waits out the grace
+                hurry()
+    finally:
+        # up's loop ends after a hurry; a test's may run other tests (anyio's runner).
+        process_module._hurried.discard(asyncio.get_running_loop())
+    pgid = seen[0].pid
+    assert seen[0].describe() == "stopped (killed by signal SIGKILL)"
+    assert not alive(pgid)
+    assert f"web: stopping by force: sending SIGKILL to process group {pgid}" in [
+        r.getMessage() for r in caplog.records
+    ]
+
+
 async def test_stopping_a_shell_leaves_no_grandchild_behind() -> None:
     sink = CaptureSink()
     stubborn = py(
@@ -259,6 +300,7 @@ def test_a_spec_needs_exactly_one_of_argv_and_shell() -> None:
 # Runs `sleep 300` supervised, prints its pid, then waits to be killed.
 SUPERVISING_PARENT = """
 import anyio, json, os
+from tpconf.supervisor import process as process_module
 from tpconf.supervisor.output import CaptureSink
 from tpconf.supervisor.process import ProcessSpec, run_process
 

@@ -44,7 +44,7 @@ from tpconf.reconcile.schemacopy import write_schema
 from tpconf.reconcile.session import Session
 from tpconf.reconcile.watch import config_changes
 from tpconf.supervisor.output import LOGS_DIR, LogFiles, OutputSink, Stream, Tee
-from tpconf.supervisor.process import ProcessExit
+from tpconf.supervisor.process import ProcessExit, hurry
 
 log = logging.getLogger(__name__)
 
@@ -510,6 +510,9 @@ async def _signals(stop: anyio.Event, root: anyio.CancelScope) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
             if stop.is_set():
-                root.cancel()  # second signal: force; units still clean up, shielded
+                # Second signal: force. Units still clean up, shielded, but local processes
+                # get SIGKILL now instead of the rest of their SIGTERM grace.
+                hurry()
+                root.cancel()
                 return
             stop.set()

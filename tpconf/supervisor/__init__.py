@@ -20,7 +20,7 @@ from tpconf.supervisor.env import (
     write_export,
 )
 from tpconf.supervisor.output import CaptureSink, ConsoleSink, OutputSink
-from tpconf.supervisor.process import ProcessExit, ProcessSpec, run_process
+from tpconf.supervisor.process import ProcessExit, ProcessSpec, hurry, run_process
 from tpconf.supervisor.shell import run_shell
 from tpconf.supervisor.torsocks import TorsocksWrapper, find_torsocks, torsocks_wrapper
 
@@ -33,6 +33,7 @@ __all__ = [
     "ProcessSpec",
     "TorsocksWrapper",
     "find_torsocks",
+    "hurry",
     "pod_environment",
     "process_environment",
     "run_process",

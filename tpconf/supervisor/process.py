@@ -21,12 +21,15 @@ Use it as a unit of the reconciler::
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import os
 import shlex
 import shutil
 import signal
 import subprocess
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,7 @@ from tpconf.errors import ProcessError
 from tpconf.pids import group_members, open_child
 from tpconf.supervisor.output import OutputSink, Stream
 
-__all__ = ["ProcessExit", "ProcessSpec", "Restart", "run_process", "run_restarting"]
+__all__ = ["ProcessExit", "ProcessSpec", "Restart", "hurry", "run_process", "run_restarting"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,20 @@ DRAIN_TIMEOUT = 0.5
 
 #: How often the group is checked for leftovers while waiting in the stop ladder.
 _POLL = 0.02
+
+#: Event loops whose stop ladders are hurried (:func:`hurry`).
+_hurried: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def hurry() -> None:
+    """Make the stop ladders of this event loop send SIGKILL now instead of waiting out
+    ``term_grace``: ``up`` calls it on a second Ctrl-C, as compose kills on its second."""
+    _hurried.add(asyncio.get_running_loop())
+
+
+def _hurrying() -> bool:
+    return asyncio.get_running_loop() in _hurried
+
 
 #: Seconds before the first restart; doubled after each run shorter than :data:`RESTART_RESET`.
 RESTART_DELAY = 0.5
@@ -255,13 +272,20 @@ def _group_alive(process: Process) -> bool:
     return process.returncode is None or bool(group_members(process.pid))
 
 
-async def _wait_group(process: Process, timeout: float) -> bool:
-    """Wait until the leader is reaped and the group is empty; False on timeout."""
+async def _wait_group(process: Process, timeout: float, *, hurried: bool = False) -> bool:
+    """Wait until the leader is reaped and the group is empty; False on timeout (and, with
+    ``hurried``, as soon as :func:`hurry` is called)."""
     with anyio.move_on_after(timeout):
-        await process.wait()
+        while process.returncode is None:
+            with anyio.move_on_after(_POLL if hurried else math.inf):
+                await process.wait()
+            if hurried and _hurrying():
+                return False
         while True:
             if not group_members(process.pid):
                 return True
+            if hurried and _hurrying():
+                return False
             await anyio.sleep(_POLL)
     return False
 
@@ -276,15 +300,20 @@ async def stop_group(process: Process, *, name: str, term_grace: float, kill_gra
         return
     what = "process group" if process.returncode is None else "leftover processes in group"
     log.info("%s: sending SIGTERM to %s %d", name, what, pgid)
-    if not _signal_group(name, pgid, signal.SIGTERM) or await _wait_group(process, term_grace):
+    if not _signal_group(name, pgid, signal.SIGTERM) or await _wait_group(
+        process, term_grace, hurried=True
+    ):
         log.info("%s: process group %d stopped", name, pgid)
         return
-    log.warning(
-        "%s: process group %d still running %.1f s after SIGTERM, sending SIGKILL",
-        name,
-        pgid,
-        term_grace,
-    )
+    if _hurrying():
+        log.warning("%s: stopping by force: sending SIGKILL to process group %d", name, pgid)
+    else:
+        log.warning(
+            "%s: process group %d still running %.1f s after SIGTERM, sending SIGKILL",
+            name,
+            pgid,
+            term_grace,
+        )
     if not _signal_group(name, pgid, signal.SIGKILL) or await _wait_group(process, kill_grace):
         log.info("%s: process group %d killed", name, pgid)
         return
