@@ -49,13 +49,16 @@ def netns() -> Iterator[list[str]]:
 
 
 def nat(prefix: list[str]) -> str:
-    return subprocess.run(
+    """The nat table as iptables-save prints it, less its comment lines: they carry the time of
+    the dump, so two dumps a second apart differ (CI met one)."""
+    out = subprocess.run(
         [*prefix, "iptables-save", "-t", "nat"],
         capture_output=True,
         text=True,
         timeout=10,
         check=True,
     ).stdout
+    return "".join(line for line in out.splitlines(keepends=True) if not line.startswith("#"))
 
 
 @pytest.fixture
