@@ -129,6 +129,12 @@ async def test_a_token_file_is_read_for_every_request(api: FakeApiServer, tmp_pa
             "Bearer first",
             "Bearer rotated",
         ]
+        token.unlink()
+        with anyio.fail_after(10), pytest.raises(errors.ClusterError) as gone:
+            await cluster.request("GET", path("pods", "ns"), what="list pods")
+        assert gone.value.message == (
+            f"cannot read the kubeconfig's token file {token}: No such file or directory"
+        )
     finally:
         cluster.close()
 

@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 import urllib3
 
 from tpconf import __version__
+from tpconf.errors import ClusterError
 from tpconf.kubeconfig import JSON, Unsupported, parts, server_url, tls_context
 
 if TYPE_CHECKING:
@@ -135,8 +136,15 @@ class Direct:
         token = self._token
         if self._token_file:
             # Read per request, as client-go re-reads it: a projected token is rotated in place.
-            with open(self._token_file, encoding="utf-8") as stream:
-                token = stream.read().strip()
+            try:
+                with open(self._token_file, encoding="utf-8") as stream:
+                    token = stream.read().strip()
+            except OSError as exc:
+                raise ClusterError(
+                    f"cannot read the kubeconfig's token file {self._token_file}: "
+                    f"{exc.strerror or exc}",
+                    hint="check the user's `tokenFile` in the kubeconfig",
+                ) from exc
         if token:
             headers["Authorization"] = f"Bearer {token}"
         return headers
