@@ -19,6 +19,9 @@ Variants, measured interleaved (one of each per round):
   tpconf's transparent proxy → ``Tunnel.dial`` of the vpn-tcp deployment (a real ``tpconf up``,
   so its defaults: the relay). Timed inside the namespace by :mod:`bench.nsworker` with the same
   client code, in the same interleaved rounds as the others. Without root: ``not measured``.
+- ``kubectl-pf in the laptop netns`` (bulk rows, with vpn-tcp): the bare port-forward run in
+  that namespace and timed by the same worker, so it crosses the veth and the namespace's NAT
+  to the API server as vpn-tcp's tunnel does; the vpn-tcp row's note gives the ratio to it.
 
 **CPU per 100 MB** (bulk rows): CPU seconds (``/proc/PID/stat``, :mod:`bench.cpu`) of *our
 process and the port-forward chain on this side*: the bench's tpconf side (or ``tpconf up`` for
@@ -48,6 +51,7 @@ REF = "kubectl-pf"
 INJECT = "inject-tcp"
 BEFORE = "inject-tcp, SSH via kubectl (before)"
 FLOOR = "SOCKS without a tunnel (floor)"
+NS_REF = "kubectl-pf in the laptop netns"
 
 
 @dataclass
@@ -59,6 +63,8 @@ class Routes:
     """Variant -> the process whose tree is "our process + the port-forward chain"."""
     side_pid: int = 0
     """The default inject-tcp side (RSS and fds of the sequential row)."""
+    ns_ref_port: int = 0
+    """The port of :data:`NS_REF` in the laptop namespace (0: no vpn-tcp laptop)."""
 
     def pids(self, variant: str) -> list[int]:
         root = self.roots.get(variant)
@@ -94,6 +100,20 @@ def routes(bench: Bench) -> Iterator[Routes]:
         if vpn is not None:
             bench.meta["vpn_up_ready_seconds"] = vpn.ready_seconds
             out.roots[VPN] = vpn.up.pid
+            # The same bare port-forward, run in the laptop namespace: vpn-tcp's path crosses
+            # the veth and the namespace's NAT to reach the API server, the host's does not.
+            ns_pids: list[int] = []
+            _, out.ns_ref_port = stack.enter_context(
+                kubectl_port_forward(
+                    bench.ns.name,
+                    "svc/echo",
+                    PORT,
+                    ns_pids,
+                    prefix=["ip", "netns", "exec", vpn.laptop.netns],
+                    config=vpn.laptop.kubeconfig,
+                )
+            )
+            out.roots[NS_REF] = ns_pids[0]
         yield out
 
 
@@ -115,9 +135,9 @@ def _interleave(
             try:
                 row.samples.append(measure(variant))
             except Exception as exc:
-                if variant != VPN:
+                if variant not in (VPN, NS_REF):
                     raise
-                bench.failures.append(f"{row.name} / {VPN}: {exc}")
+                bench.failures.append(f"{row.name} / {variant}: {exc}")
                 row.samples.clear()
                 row.status = f"error: {type(exc).__name__}"
                 del active[variant]
@@ -169,11 +189,15 @@ class _Bulk:
         size = self.bench.sizes.bulk_bytes
         pids = self.routes.pids(variant)
         before_all, before = cpu.snapshot(), cpu.snapshot(pids)
-        if variant == VPN:
+        if variant in (VPN, NS_REF):
             vpn = self.bench.vpn
             assert vpn is not None and vpn.worker is not None
-            host = self.bench.ns.echo_ip
-            rate = vpn.worker.value(self.direction, 600, host=host, port=PORT, size=size)
+            host, port = (
+                (self.bench.ns.echo_ip, PORT)
+                if variant == VPN
+                else ("127.0.0.1", self.routes.ns_ref_port)
+            )
+            rate = vpn.worker.value(self.direction, 600, host=host, port=port, size=size)
         else:
             fn = client.upload if self.direction == "upload" else client.download
             rate = fn(self.routes.routes[variant], size)
@@ -200,6 +224,10 @@ def bulk(bench: Bench, routes_: Routes) -> None:
         vpn_row = Row(name, VPN, "MB/s", reference=REF, higher_is_better=True, target=target)
         vpn_row.check = at_least_ratio(0.9)
         _vpn_row(bench, rows, vpn_row)
+        if VPN in rows and routes_.ns_ref_port:
+            rows[NS_REF] = bench.table.add(
+                Row(name, NS_REF, "MB/s", reference=REF, higher_is_better=True)
+            )
         cpu_name = f"CPU s per 100 MB, {direction}: ours + port-forward chain"
         cpu_target = "<= 1.5x kubectl-pf"
         cpu_rows = {
@@ -211,6 +239,14 @@ def bulk(bench: Bench, routes_: Routes) -> None:
                 cpu_rows[v].target, cpu_rows[v].check = cpu_target, at_most_ratio(1.5)
         measure = _Bulk(bench, routes_, direction, cpu_rows)
         _interleave(bench, rows, bench.sizes.bulk_runs, measure.measure, 900)
+        vpn_rate = rows[VPN].median if VPN in rows else None
+        ns_rate = rows[NS_REF].median if NS_REF in rows else None
+        if vpn_rate and ns_rate:
+            rows[
+                VPN
+            ].note = (
+                f"{vpn_rate / ns_rate:.2f}x {NS_REF} (the same namespace crossing on both paths)"
+            )
         for variant, totals in measure.machine.items():
             totals.sort()
             cpu_rows[variant].note = (

@@ -11,9 +11,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from bench.echo import SERVER
@@ -82,13 +83,20 @@ def local_echo() -> Iterator[tuple[str, int]]:
 
 @contextmanager
 def kubectl_port_forward(
-    namespace: str, resource: str, port: int, pids: list[int] | None = None
+    namespace: str,
+    resource: str,
+    port: int,
+    pids: list[int] | None = None,
+    *,
+    prefix: Sequence[str] = (),
+    config: Path | None = None,
 ) -> Iterator[tuple[str, int]]:
     """A bare ``kubectl port-forward RESOURCE :PORT``; each local connection is a new stream.
-    Its pid is appended to ``pids`` (for CPU accounting)."""
-    cmd = [KUBECTL]
-    if kubeconfig():
-        cmd += ["--kubeconfig", str(kubeconfig())]
+    Its pid is appended to ``pids`` (for CPU accounting). ``prefix`` runs it elsewhere (``ip
+    netns exec NS``) with that place's kubeconfig ``config``."""
+    cmd = [*prefix, KUBECTL]
+    if config or kubeconfig():
+        cmd += ["--kubeconfig", str(config or kubeconfig())]
     cmd += ["-n", namespace, "port-forward", resource, f":{port}", "--address", "127.0.0.1"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
