@@ -156,6 +156,19 @@ def parts(view: JSON) -> tuple[JSON, JSON, JSON]:
     return first("context"), first("cluster"), first("user")
 
 
+#: User settings neither tpconf's API client nor its port-forward speaks: an auth-provider,
+#: basic auth, impersonation.
+FOREIGN_USER_KEYS = ("auth-provider", "username", "password", "as", "as-groups", "as-uid")
+
+
+def refuse_foreign_user(user: JSON, *, also: Sequence[str] = ()) -> None:
+    """:class:`Unsupported` naming the first of :data:`FOREIGN_USER_KEYS` (and ``also``) that
+    ``user`` sets."""
+    for key in (*FOREIGN_USER_KEYS, *also):
+        if user.get(key):
+            raise Unsupported(f"users[].user.{key}")
+
+
 def server_url(cluster: JSON) -> urllib.parse.SplitResult:
     """The cluster's server URL; :class:`Unsupported` when it is not one tpconf can dial."""
     url = urllib.parse.urlsplit(str(cluster.get("server") or ""))

@@ -10,9 +10,10 @@ Requests block, so every one runs in a worker thread (abandoned on cancellation)
 timeout; watches also pass ``timeoutSeconds``. Errors are translated by
 :mod:`tpconf.cluster.errors` at this boundary.
 
-The kubeconfig is read as kubectl reads it (:mod:`tpconf.kubeconfig`): every file of ``$KUBECONFIG``, merged, the first file
-that names a context, cluster or user winning, and the first ``current-context`` too; missing and
-empty files are left out. kubectl children get the same list (``KUBECONFIG``).
+The kubeconfig is read as kubectl reads it (:mod:`tpconf.kubeconfig`): every file of
+``$KUBECONFIG``, merged, the first file that names a context, cluster or user winning, and the
+first ``current-context`` too; missing and empty files are left out. kubectl children get the
+same list (``KUBECONFIG``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Translate the API client's exceptions into :mod:`tpconf.errors`, at the boundary.
 
-``ApiStatus`` (:mod:`tpconf.cluster.transport`) is mapped by HTTP status (403 Forbidden naming the verb and resource, 404
-NotFound naming the object, 5xx/429 ClusterUnreachable, the rest ClusterError), urllib3's
-connection errors become ClusterUnreachable. Remote payloads are trimmed
+``ApiStatus`` (:mod:`tpconf.cluster.transport`) is mapped by HTTP status (403 Forbidden naming
+the verb and resource, 404 NotFound naming the object, 5xx/429 ClusterUnreachable, the rest
+ClusterError), urllib3's connection errors become ClusterUnreachable. Remote payloads are trimmed
 (:func:`tpconf.errors.trim_payload`) and, for Secrets, dropped: no key material in messages.
 """
 

@@ -19,7 +19,7 @@ import urllib3
 
 from tpconf import __version__
 from tpconf.errors import ClusterError
-from tpconf.kubeconfig import JSON, Unsupported, parts, server_url, tls_context
+from tpconf.kubeconfig import JSON, parts, refuse_foreign_user, server_url, tls_context
 
 if TYPE_CHECKING:
     import ssl
@@ -74,6 +74,14 @@ def _pairs(query: Query | None) -> list[tuple[str, str]]:
     ]
 
 
+def _headers(body: Any, content_type: str) -> dict[str, str]:
+    """What every request says of itself: JSON back, and the body's type when it has one."""
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = content_type
+    return headers
+
+
 def _checked(resp: urllib3.BaseHTTPResponse) -> urllib3.BaseHTTPResponse:
     if not 200 <= resp.status <= 299:
         raise ApiStatus.of(resp)
@@ -112,14 +120,11 @@ class Direct:
 
     @classmethod
     def from_view(cls, view: JSON) -> Direct:
-        """From a minified kubeconfig view; :class:`Unsupported` for what needs ``Library``."""
+        """From a minified kubeconfig view; :class:`~tpconf.kubeconfig.Unsupported` for what needs
+        ``Library``."""
         _, cluster, user = parts(view)
         url = server_url(cluster)
-        for key in ("exec", "auth-provider", "username", "password", "as", "as-groups", "as-uid"):
-            if user.get(key):
-                raise Unsupported(f"users[].user.{key}")
-        if user.get("as-user-extra"):
-            raise Unsupported("users[].user.as-user-extra")
+        refuse_foreign_user(user, also=("exec", "as-user-extra"))
         return cls(
             url.geturl(),
             tls=tls_context(cluster, user) if url.scheme == "https" else None,
@@ -129,10 +134,8 @@ class Direct:
             token_file=str(user.get("tokenFile") or ""),
         )
 
-    def _headers(self, body: Any, content_type: str) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": f"tpconf/{__version__}"}
-        if body is not None:
-            headers["Content-Type"] = content_type
+    def _request_headers(self, body: Any, content_type: str) -> dict[str, str]:
+        headers = {**_headers(body, content_type), "User-Agent": f"tpconf/{__version__}"}
         token = self._token
         if self._token_file:
             # Read per request, as client-go re-reads it: a projected token is rotated in place.
@@ -164,7 +167,7 @@ class Direct:
             method,
             path + ("?" + urlencode(_pairs(query)) if query else ""),
             body=None if body is None else json.dumps(body).encode(),
-            headers=self._headers(body, content_type),
+            headers=self._request_headers(body, content_type),
             timeout=urllib3.Timeout(connect=connect, read=read),
             preload_content=False,
             redirect=False,
@@ -206,14 +209,11 @@ class Library:
     ) -> urllib3.BaseHTTPResponse:
         from kubernetes.client.exceptions import ApiException
 
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
         method, url, headers, body, _ = self.api.param_serialize(
             method=method,
             resource_path=path,
             query_params=_pairs(query) or None,
-            header_params=headers,
+            header_params=_headers(body, content_type),
             body=body,
             auth_settings=["BearerToken"],
         )

@@ -3,8 +3,9 @@
 :func:`api_server` reads the kubeconfig once per kubeconfig and context as kubectl would
 (:func:`tpconf.kubeconfig.minified_view`: kubectl's merge of a ``$KUBECONFIG`` list, its choice
 of context, files inlined), and turns it into an :class:`ApiServer`: where to connect, the TLS
-context (the cluster's CA, a client certificate), and the ``Authorization`` header (a token, a token file read per connection, or an ``exec``
-credential plugin run as kubectl runs it, its answer kept until it expires).
+context (the cluster's CA, a client certificate), and the ``Authorization`` header (a token, a
+token file read per connection, or an ``exec`` credential plugin run as kubectl runs it, its
+answer kept until it expires).
 
 Settings this module does not handle return ``None`` with the reason logged, and the caller
 falls back to a ``kubectl port-forward`` child, which handles everything kubectl does: an
@@ -37,6 +38,7 @@ from tpconf.kubeconfig import (
     files_of,
     minified_view,
     parts,
+    refuse_foreign_user,
     server_url,
     tls_context,
 )
@@ -179,9 +181,7 @@ def from_config_view(view: dict[str, Any]) -> ApiServer:
     _, cluster, user = parts(view)
     if not cluster:
         raise Unsupported("no cluster in the kubeconfig's current context")
-    for key in ("auth-provider", "username", "password", "as", "as-groups", "as-uid"):
-        if user.get(key):
-            raise Unsupported(f"users[].user.{key}")
+    refuse_foreign_user(user)
     url = server_url(cluster)
     assert url.hostname is not None  # server_url checked it
     plugin = None
