@@ -126,3 +126,49 @@ def test_the_soft_fd_limit_is_raised_to_the_hard_one() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_read_of_waiting_bytes_is_still_a_cancellation_point(
+    pair: tuple[socket.socket, TCPStream],
+) -> None:
+    client, stream = pair
+    client.send(b"waiting")
+    with anyio.fail_after(5):
+        while stream.buffered < len(b"waiting"):
+            await anyio.sleep(0.01)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await stream.receive()  # bytes are there, but the scope is cancelled: no read
+    assert scope.cancelled_caught
+    assert await stream.receive() == b"waiting"  # nothing was taken by the cancelled read
+
+
+async def test_reads_of_waiting_bytes_do_not_wait_for_a_turn_of_the_loop(
+    pair: tuple[socket.socket, TCPStream],
+) -> None:
+    """Bytes already here are returned without yielding; a reader yields only to wait (and
+    then another task runs meanwhile)."""
+    client, stream = pair
+    client.send(b"x" * 3)
+    with anyio.fail_after(5):
+        while stream.buffered < 3:
+            await anyio.sleep(0.01)
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(count_turns)
+        await anyio.lowlevel.checkpoint()  # let it start
+        before = turns
+        for _ in range(3):
+            assert await stream.receive(1) == b"x"
+        assert turns == before  # three reads, no turn of the loop
+        client.send(b"y")
+        assert await stream.receive(1) == b"y"  # had to wait: the other task ran meanwhile
+        assert turns > before
+        tg.cancel_scope.cancel()
