@@ -22,8 +22,10 @@ CONNECT to a domain name, an IPv4 or an IPv6 address; Tor's RESOLVE (0xF0) and R
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
+import socket
 from collections import Counter
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -146,7 +148,7 @@ def parse_request(data: bytes) -> tuple[Request, int] | None:
     command, atyp = data[1], data[3]
     if atyp == AddressType.IPV4:
         start, end = 4, 8
-        make: Callable[[bytes], str] = lambda raw: str(ipaddress.IPv4Address(raw))
+        make: Callable[[bytes], str] = lambda raw: socket.inet_ntop(socket.AF_INET, raw)
     elif atyp == AddressType.IPV6:
         start, end = 4, 20
         make = lambda raw: str(ipaddress.IPv6Address(raw))
@@ -178,11 +180,8 @@ def build_reply(
     cluster the real one is not known. With ``name``, ``host`` is sent as a name (ATYP domain)
     even when it is an address: a RESOLVE_PTR reply must carry a name.
     """
-    try:
-        if name:
-            raise ValueError("sent as a name")
-        address = ipaddress.ip_address(host or "0.0.0.0")
-    except ValueError:
+    address = None if name else _ip(host or "0.0.0.0")
+    if address is None:
         encoded = (host or "").encode("utf-8")[:255]
         body = bytes((AddressType.DOMAIN, len(encoded))) + encoded
     else:
@@ -200,19 +199,30 @@ def is_local_name(name: str) -> bool:
     return name == "localhost" or name.endswith(".localhost")
 
 
+@functools.lru_cache(maxsize=1024)
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an IP address, ``None`` for a name. Cached: a proxy sees the same few hosts
+    over and over, and parsing them was a visible share of each connection's CPU in the
+    1,000-connection row (bench/RESULTS.md)."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def is_loopback(address: str) -> bool:
-    """127.0.0.0/8, ::1 and IPv4-mapped loopback."""
-    ip = ipaddress.ip_address(address)
+    """127.0.0.0/8, ::1 and IPv4-mapped loopback; ``ValueError`` for a name."""
+    ip = _ip(address)
+    if ip is None:
+        raise ValueError(f"not an IP address: {address!r}")
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped.is_loopback
     return ip.is_loopback
 
 
 def _literal(host: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return None
+    ip = _ip(host)
+    return None if ip is None else str(ip)
 
 
 def reply_for(exc: BaseException) -> Reply:
