@@ -36,6 +36,7 @@ from anyio.abc import ByteStream, SocketAttribute
 import tpconf.tunnel.connection as tunnel_connection
 from bench.kube import client, config
 from bench.proto import coalesce_writes, open_tunnel_on_socket
+from tpconf import collector
 from tpconf.net import LocalDialer, relay
 from tpconf.proxy import ClusterResolver, SocksServer
 from tpconf.tunnel import (
@@ -127,6 +128,7 @@ async def byte_path(cfg: SideConfig) -> AsyncIterator[Endpoint]:
 
 async def main() -> None:
     raise_nofile()
+    collector.tune_for_serving()  # as `tpconf up` does before serving
     cfg = SideConfig(**json.loads(sys.stdin.readline()))
     cfg.fwd_target = (cfg.fwd_target[0], int(cfg.fwd_target[1]))
     if cfg.ciphers:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import anyio
 
-from tpconf import pids
+from tpconf import collector, pids
 from tpconf.config import ConfigFiles, DeploymentSpec, Project, load_project
 from tpconf.errors import ConfigError, TpconfError
 from tpconf.methods import REGISTRY, LaunchRequest
@@ -388,6 +388,7 @@ async def run_up(
     # Nothing has changed yet: a wrong cluster is refused here, before any unit starts.
     await up.announce_targets(project)
     await anyio.to_thread.run_sync(up.logs.clear)
+    collector.tune_for_serving()  # from here on, the proxies serve connections
 
     stopped_in_order = False
     async with anyio.create_task_group() as root:
