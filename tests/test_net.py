@@ -128,14 +128,19 @@ def test_the_soft_fd_limit_is_raised_to_the_hard_one() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+async def buffered(stream: TCPStream, size: int) -> None:
+    """Until ``size`` bytes wait unread in ``stream`` (only a read would be an event)."""
+    with anyio.fail_after(5):
+        while stream.buffered < size:  # noqa: ASYNC110 (polls without reading)
+            await anyio.sleep(0.01)
+
+
 async def test_a_read_of_waiting_bytes_is_still_a_cancellation_point(
     pair: tuple[socket.socket, TCPStream],
 ) -> None:
     client, stream = pair
     client.send(b"waiting")
-    with anyio.fail_after(5):
-        while stream.buffered < len(b"waiting"):
-            await anyio.sleep(0.01)
+    await buffered(stream, len(b"waiting"))
     with anyio.CancelScope() as scope:
         scope.cancel()
         await stream.receive()  # bytes are there, but the scope is cancelled: no read
@@ -150,9 +155,7 @@ async def test_reads_of_waiting_bytes_do_not_wait_for_a_turn_of_the_loop(
     then another task runs meanwhile)."""
     client, stream = pair
     client.send(b"x" * 3)
-    with anyio.fail_after(5):
-        while stream.buffered < 3:
-            await anyio.sleep(0.01)
+    await buffered(stream, 3)
     turns = 0
 
     async def count_turns() -> None:
