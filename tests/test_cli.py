@@ -245,3 +245,20 @@ def test_python_dash_m_works(tmp_path: Path) -> None:
         check=False,
     )
     assert (result.returncode, result.stdout) == (0, "telepresence.yaml is valid: 0 deployments\n")
+
+
+def test_validate_loads_none_of_what_only_running_needs(tmp_path: Path) -> None:
+    """`validate` (and completion, `config`) import only what reading the file needs: no
+    asyncio (process supervision), no cluster client, no SSH, no rich (bench/RESULTS.md)."""
+    (tmp_path / "telepresence.yaml").write_text(VALID)
+    probe = (
+        "import sys\n"
+        "from tpconf import cli\n"
+        "code = cli.main(['validate'])\n"
+        "heavy = ('asyncio', 'urllib3', 'asyncssh', 'kubernetes', 'rich', 'dnslib')\n"
+        "print(code, sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    ).stdout
+    assert out.strip().splitlines()[-1] == "0 []"

@@ -40,15 +40,13 @@ from tpconf.reconcile.routes import Routes, route_specs
 from tpconf.reconcile.session import AGENT_USER, Session
 from tpconf.supervisor import (
     OutputSink,
-    ProcessExit,
-    ProcessSpec,
     pod_environment,
     process_environment,
-    run_shell,
     withheld_variables,
     write_export,
 )
-from tpconf.supervisor.process import run_restarting
+from tpconf.supervisor.process import ProcessExit, ProcessSpec, run_restarting
+from tpconf.supervisor.shell import run_shell
 from tpconf.tunnel import (
     PodInfo,
     PortForwardTarget,

@@ -5,6 +5,10 @@
 - :mod:`.shell`: ``shell: true``, an interactive shell on the terminal.
 - :mod:`.output`: where process output goes (``name | line``).
 - :mod:`.torsocks`: torsocks around a process (inject-tcp), pointed at a SOCKS server.
+
+Only :mod:`.env` and :mod:`.output` are re-exported here: the others import asyncio, which
+commands that never start a process (``validate``, ``config``, shell completion) should not pay
+for (30 ms of ``validate`` on the bench's box). Import them from their modules.
 """
 
 from __future__ import annotations
@@ -20,28 +24,17 @@ from tpconf.supervisor.env import (
     write_export,
 )
 from tpconf.supervisor.output import CaptureSink, ConsoleSink, OutputSink
-from tpconf.supervisor.process import ProcessExit, ProcessSpec, hurry, run_process
-from tpconf.supervisor.shell import run_shell
-from tpconf.supervisor.torsocks import TorsocksWrapper, find_torsocks, torsocks_wrapper
 
 __all__ = [
     "CaptureSink",
     "ConsoleSink",
     "ExportFormat",
     "OutputSink",
-    "ProcessExit",
-    "ProcessSpec",
-    "TorsocksWrapper",
-    "find_torsocks",
-    "hurry",
     "pod_environment",
     "process_environment",
-    "run_process",
-    "run_shell",
     "telepresence_variables",
     "to_dotenv",
     "to_json",
-    "torsocks_wrapper",
     "withheld_variables",
     "write_export",
 ]
