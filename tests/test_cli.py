@@ -259,6 +259,11 @@ def test_validate_loads_none_of_what_only_running_needs(tmp_path: Path) -> None:
         "print(code, sorted(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", probe],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     ).stdout
     assert out.strip().splitlines()[-1] == "0 []"
