@@ -8,7 +8,7 @@
 
 Only :mod:`.env` and :mod:`.output` are re-exported here: the others import asyncio, which
 commands that never start a process (``validate``, ``config``, shell completion) should not pay
-for (30 ms of ``validate`` on the bench's box). Import them from their modules.
+for (about 80 ms of ``validate``'s CPU on the bench's box). Import them from their modules.
 """
 
 from __future__ import annotations
