@@ -242,11 +242,8 @@ def bulk(bench: Bench, routes_: Routes) -> None:
         vpn_rate = rows[VPN].median if VPN in rows else None
         ns_rate = rows[NS_REF].median if NS_REF in rows else None
         if vpn_rate and ns_rate:
-            rows[
-                VPN
-            ].note = (
-                f"{vpn_rate / ns_rate:.2f}x {NS_REF} (the same namespace crossing on both paths)"
-            )
+            same_path = f"{vpn_rate / ns_rate:.2f}x {NS_REF}"
+            rows[VPN].note = f"{same_path} (the same namespace crossing on both paths)"
         for variant, totals in measure.machine.items():
             totals.sort()
             cpu_rows[variant].note = (
