@@ -130,7 +130,8 @@ async def test_swap_replaces_the_pods_keeping_labels_env_and_volumes_then_restor
     assert pod.metadata.labels["app"] == "web", "the original's Services select the proxy"
     app, sidecar = pod.spec.containers
     assert app.image == AGENT_IMAGE
-    assert app.readiness_probe.var_exec.command[-1] == "exec 3<>/dev/tcp/127.0.0.1/8022"
+    assert app.readiness_probe is None, "no exec into the agent every second"
+    assert "/dev/tcp/127.0.0.1/8022" in app.startup_probe.var_exec.command[-1]
     assert [(e.name, e.value) for e in app.env] == [("GREETING", "hello from the pod")]
     assert app.env_from[0].config_map_ref.name == "web-config"
     assert {m.mount_path for m in app.volume_mounts} >= {"/etc/app", "/etc/tpconf/keys"}
@@ -257,9 +258,10 @@ def existing_proxy(name: str, image: str) -> dict[str, Any]:
     proxy = container(
         "proxy",
         image,
-        readinessProbe={
+        startupProbe={
             "exec": {"command": ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8022"]},
             "periodSeconds": 1,
+            "failureThreshold": 120,
         },
         securityContext={"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     )

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import re
+import socket
+import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -172,9 +177,9 @@ def test_swap_keeps_labels_env_volumes_and_sidecars_and_replaces_image_and_comma
     assert sidecar == {"name": "sidecar", "image": "example/log:1", "args": ["--tail"]}
     assert agent["name"] == "app"
     assert agent["image"] == AGENT
-    for removed in set(M.REMOVED_FIELDS) - {"readinessProbe"}:
+    for removed in set(M.REMOVED_FIELDS) - {"startupProbe"}:
         assert removed not in agent
-    assert agent["readinessProbe"] == M.AGENT_READINESS, "Ready = sshd accepts connections"
+    assert agent["startupProbe"] == M.startup_probe(), "Ready = sshd accepts connections"
     assert agent["env"] == [{"name": "GREETING", "value": "hi"}]
     assert agent["envFrom"] == [{"configMapRef": {"name": "web-env"}}]
     assert agent["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
@@ -324,3 +329,55 @@ def test_docs_rbac_yaml_is_a_role_and_a_binding() -> None:
     assert role["kind"] == "Role" and binding["kind"] == "RoleBinding"
     resources = {res for rule in role["rules"] for res in rule["resources"]}
     assert {"pods/portforward", "deployments/scale", "secrets", "pods/log"} <= resources
+
+
+def test_every_agent_container_is_probed_only_until_sshd_accepts() -> None:
+    """A startup probe and no readiness probe: the kubelet stops exec'ing into the agent once it
+    is up (a readiness probe would run one exec per agent per second for the whole session)."""
+    from tpconf.cluster.sidecar import sidecar
+
+    new_agent = M.new_deployment(request())["spec"]["template"]["spec"]["containers"][0]
+    swap_pod = M.swap_deployment(request(Swap("web")), original_deployment(), None)
+    swap_agent = swap_pod["spec"]["template"]["spec"]["containers"][0]
+    app = {"name": "app", "image": "example/web:1", "ports": [{"containerPort": 8080}]}
+    side = sidecar(app, {}, {8080: 18080}, AGENT)
+    for agent in (new_agent, swap_agent, side):
+        assert "readinessProbe" not in agent
+        assert "livenessProbe" not in agent
+        probe = agent["startupProbe"]
+        assert "/dev/tcp/127.0.0.1/8022" in probe["exec"]["command"][-1]
+        assert probe["periodSeconds"] == 1
+        assert probe["timeoutSeconds"] > 1, "one probe waits up to a second for the ports"
+        assert probe["failureThreshold"] * probe["periodSeconds"] >= 60
+    # The sidecar is also not started before its intercept listener accepts.
+    assert "/dev/tcp/127.0.0.1/18080" in side["startupProbe"]["exec"]["command"][-1]
+
+
+def _run_probe(probe: dict[str, Any], ports: dict[int, int]) -> int:
+    """Run ``probe``'s command here, each of its ports replaced by a test port; its exit code."""
+    *argv, script = probe["exec"]["command"]
+    script = re.sub(r"/127\.0\.0\.1/(\d+)\b", lambda m: f"/127.0.0.1/{ports[int(m[1])]}", script)
+    done = subprocess.run([*argv, script], check=False, capture_output=True, timeout=10)
+    return done.returncode
+
+
+def test_the_probe_waits_for_every_port_and_fails_when_one_stays_closed() -> None:
+    """The probe's shell runs for real (bash), against real listeners on free ports."""
+    probe = M.startup_probe([18080])
+    assert probe["exec"]["command"][:2] == ["bash", "-c"]
+    with socket.create_server(("127.0.0.1", 0)) as ssh, socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+        ports = {8022: ssh.getsockname()[1], 18080: closed.getsockname()[1]}
+        start = time.monotonic()
+        assert _run_probe(probe, ports) == 1
+        assert 0.9 < time.monotonic() - start < 5, "it kept trying for about a second"
+
+    with socket.create_server(("127.0.0.1", 0)) as ssh, socket.socket() as late:
+        late.bind(("127.0.0.1", 0))
+        timer = threading.Timer(0.3, late.listen)
+        timer.start()
+        ports = {8022: ssh.getsockname()[1], 18080: late.getsockname()[1]}
+        start = time.monotonic()
+        assert _run_probe(probe, ports) == 0
+        assert time.monotonic() - start < 1.0, "it passed as soon as both ports accepted"
+        timer.join()

@@ -98,9 +98,6 @@ def sidecar(
     app: Mapping[str, Any], pod_sc: Mapping[str, Any], ports: Mapping[int, int], image: str
 ) -> JSON:
     """The agent container, run beside ``app`` with its env and volumes."""
-    checks = " && ".join(
-        f"exec {3 + i}<>/dev/tcp/127.0.0.1/{port}" for i, port in enumerate([8022, *ports.values()])
-    )
     agent: JSON = {
         "name": M.AGENT_CONTAINER,
         "image": image,
@@ -110,10 +107,7 @@ def sidecar(
             {"name": port_name(app_port), "containerPort": agent_port, "protocol": "TCP"}
             for app_port, agent_port in ports.items()
         ],
-        "readinessProbe": {
-            **copy.deepcopy(M.AGENT_READINESS),
-            "exec": {"command": ["bash", "-c", checks]},
-        },
+        "startupProbe": M.startup_probe(list(ports.values())),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP}}},
         "resources": copy.deepcopy(M.RESOURCES),
         "securityContext": M.restricted_container_security(
