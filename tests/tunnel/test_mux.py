@@ -287,6 +287,42 @@ async def test_sftp_runs_as_a_subsystem_channel_and_ends_with_our_eof() -> None:
         assert session.channel_count == 0
 
 
+@pytest.mark.parametrize("closed_first", [True, False], ids=["channel-closed", "channel-open"])
+async def test_the_relay_returns_only_once_its_subsystem_programs_are_waited_for(
+    monkeypatch: pytest.MonkeyPatch, closed_first: bool
+) -> None:
+    """The session ends right after sftp's channel was closed (sftp-server still exiting), or
+    while it is open: when serve() returns, the program has exited and been waited for. (The
+    relay used to return first; the garbage collector later found the program's transport open,
+    a ResourceWarning that failed an unrelated test.)"""
+    started: list[relay.Subsystem] = []
+    made = relay.Subsystem.connection_made
+
+    def record(self: relay.Subsystem, transport: asyncio.BaseTransport) -> None:
+        started.append(self)
+        made(self, transport)
+
+    monkeypatch.setattr(relay.Subsystem, "connection_made", record)
+    at_return: list[tuple[int | None, bool]] = []
+    async with relay_session() as (session, served):
+        # What is true the moment serve() returns, before anything else runs.
+        served.add_done_callback(
+            lambda _: at_return.extend(
+                (s.process.get_returncode(), s.process.is_closing()) for s in started
+            )
+        )
+        await session.handshake(5)
+        with anyio.fail_after(10):
+            channel = await session.open_subsystem("sftp")
+            await channel.send(struct.pack(">IBI", 5, 1, 3))  # SSH_FXP_INIT, version 3
+            assert len(await channel.receive()) >= 9  # SSH_FXP_VERSION: it runs
+            if closed_first:
+                await channel.aclose()  # sftp-server reads EOF and exits by itself
+    assert len(at_return) == 1
+    code, transport_closed = at_return[0]
+    assert code is not None and transport_closed, "waited for before serve() returned"
+
+
 async def test_an_unknown_subsystem_is_refused() -> None:
     async with relay_session() as (session, _):
         await session.handshake(5)

@@ -49,6 +49,8 @@ MAX_FRAME = 1024 * 1024
 WINDOW_SIZE = 4 * 1024 * 1024
 #: Seconds to wait for tpconf's connection and for the handshake.
 ACCEPT_TIMEOUT = 30.0
+#: Seconds the relay waits, when its session ends, for its subsystems' programs to exit.
+REAP_TIMEOUT = 5.0
 FAIL_OSERROR, FAIL_GAIERROR = 0, 1
 
 
@@ -172,6 +174,18 @@ class Subsystem(Upstream, asyncio.SubprocessProtocol):
 
     process: Any = None
 
+    def __init__(self, mux: Mux, channel: int, window: int) -> None:
+        super().__init__(mux, channel, window)
+        # Done once the program has exited and been waited for (or never started): the relay
+        # waits for it before it returns, so that no program outlives it unwaited.
+        self.ended: asyncio.Future[None] = mux.loop.create_future()
+        mux.subsystems.add(self)
+
+    def finish(self) -> None:
+        self.mux.subsystems.discard(self)
+        if not self.ended.done():
+            self.ended.set_result(None)
+
     def connection_made(self, transport: Any) -> None:
         self.process = transport
         self.transport = transport.get_pipe_transport(1)
@@ -194,6 +208,7 @@ class Subsystem(Upstream, asyncio.SubprocessProtocol):
         super().connection_lost(exc)
         if self.process is not None:
             self.process.close()
+        self.finish()
 
     def close(self, *, abort: bool) -> None:
         self.closed = True
@@ -214,6 +229,7 @@ class Mux(asyncio.Protocol):
         self.kind = self.channel = self.remaining = 0  # the frame being received
         self.payload = bytearray()
         self.channels: dict[int, Upstream] = {}  # connected or still connecting
+        self.subsystems: set[Subsystem] = set()  # whose programs have not been waited for yet
         self.loop = asyncio.get_running_loop()
         self.out: list[bytes | memoryview] = []  # frames of this event-loop turn (see send)
         self.out_size = 0
@@ -231,8 +247,17 @@ class Mux(asyncio.Protocol):
             elif upstream.transport is not None:
                 upstream.transport.abort()
         self.channels.clear()
+        for subsystem in list(self.subsystems):  # also those whose channel already ended
+            subsystem.close(abort=True)
         if not self.done.done():
             self.done.set_result(None)
+
+    async def reap(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until every subsystem's program has exited and been
+        waited for; the end of the session kills them."""
+        ended = [subsystem.ended for subsystem in self.subsystems]
+        if ended:
+            await asyncio.wait(ended, timeout=timeout)
 
     def data_received(self, data: bytes) -> None:
         if not self.authenticated:
@@ -349,6 +374,7 @@ class Mux(asyncio.Protocol):
         channel = subsystem.channel
         argv = SUBSYSTEMS.get(name)
         if argv is None:
+            subsystem.finish()
             self.fail(channel, FAIL_OSERROR, errno.ENOENT, f"no subsystem {name!r}")
             return
         try:
@@ -360,6 +386,7 @@ class Mux(asyncio.Protocol):
                 stderr=subprocess.DEVNULL,
             )
         except OSError as exc:
+            subsystem.finish()
             self.fail(channel, FAIL_OSERROR, exc.errno or errno.EIO, exc.strerror or str(exc))
             return
         if subsystem.closed:
@@ -459,6 +486,7 @@ async def serve(
     transport = muxes[0].transport
     if transport is not None:
         transport.abort()  # the session is over: every channel with it
+    await muxes[0].reap(REAP_TIMEOUT)
     return 0
 
 
