@@ -242,12 +242,11 @@ class Mux(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         for upstream in list(self.channels.values()):
             upstream.closed = True
-            if isinstance(upstream, Subsystem):
-                upstream.close(abort=True)
-            elif upstream.transport is not None:
+            if not isinstance(upstream, Subsystem) and upstream.transport is not None:
                 upstream.transport.abort()
         self.channels.clear()
-        for subsystem in list(self.subsystems):  # also those whose channel already ended
+        # Every subsystem, its channel open or already ended, is in self.subsystems.
+        for subsystem in list(self.subsystems):
             subsystem.close(abort=True)
         if not self.done.done():
             self.done.set_result(None)
